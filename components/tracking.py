@@ -1,0 +1,138 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+Stages run as separate processes (under DVC, Kubeflow or Airflow), so the parent run is found again by a
+pipeline key: `EMBEDFORGE_PIPELINE_RUN` when an orchestrator sets it (its run id), otherwise a digest of the
+git commit and the params file, so one `dvc repro` gathers all its stages under one parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlartifacts"
+EXPERIMENT = "embedforge"
+_INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow refuses '@' and most punctuation in metric names: `ndcg@10` is logged as `ndcg_at_10`."""
+    return _INVALID_KEY_CHARS.sub("_", name.replace("@", "_at_"))
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip()
+
+
+def pipeline_key(params_path: Path) -> str:
+    explicit = os.environ.get("EMBEDFORGE_PIPELINE_RUN")
+    if explicit:
+        return explicit
+    params_bytes = params_path.read_bytes() if params_path.is_file() else b""
+    return hashlib.sha256(git_commit().encode() + b"\0" + params_bytes).hexdigest()[:16]
+
+
+def _experiment_id(client: Any, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri == DEFAULT_TRACKING_URI:
+        artifact_location = Path(DEFAULT_ARTIFACT_DIR).resolve().as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+
+
+def _parent_run_id(client: Any, experiment_id: str, key: str, tags: Mapping[str, str]) -> str:
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`embedforge.pipeline_key` = '{key}' and tags.`embedforge.role` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id,
+        run_name=f"pipeline-{key[:8]}",
+        tags={"embedforge.pipeline_key": key, "embedforge.role": "pipeline", **tags},
+    )
+    return run.info.run_id
+
+
+def record_outcome(
+    metrics: Mapping[str, float],
+    data_fingerprint: str,
+    json_artifacts: Mapping[str, Any],
+    files: list[Path],
+    pipeline_tags: Mapping[str, str],
+) -> None:
+    """Log a stage's metrics, data fingerprint tag, small JSON artifacts and files to the active run.
+
+    `pipeline_tags` go on the parent run (the snapshot hash, say), where a reader of the pipeline looks first.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    run = mlflow.active_run()
+    mlflow.log_metrics({mlflow_key(name): float(value) for name, value in metrics.items()})
+    mlflow.set_tag("embedforge.data_fingerprint", data_fingerprint)
+    client = MlflowClient()
+    for name, value in pipeline_tags.items():
+        client.set_tag(run.data.tags["mlflow.parentRunId"], name, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, payload in json_artifacts.items():
+            path = Path(tmp) / name
+            path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+            mlflow.log_artifact(str(path))
+    for path in files:
+        mlflow.log_artifact(str(path))
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Mapping[str, Any],
+    *,
+    params_path: Path,
+) -> Iterator[str]:
+    """Open the nested MLflow run of `stage` under this pipeline's parent run; yields the stage run id.
+
+    The tracking URI is `MLFLOW_TRACKING_URI` when set, else a local SQLite store in the working directory.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = _experiment_id(client, tracking_uri)
+    tags = {"embedforge.git_commit": git_commit()}
+    parent_id = _parent_run_id(client, experiment_id, pipeline_key(params_path), tags)
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=stage,
+        tags={"mlflow.parentRunId": parent_id, "embedforge.stage": stage, **tags},
+    ) as run:
+        mlflow.log_params({mlflow_key(key): value for key, value in params.items()})
+        log.info("MLflow: stage run %s under pipeline run %s (%s)", run.info.run_id, parent_id, tracking_uri)
+        try:
+            yield run.info.run_id
+        except BaseException:
+            client.set_terminated(parent_id, status="FAILED")
+            raise
+    client.set_terminated(parent_id, status="FINISHED")

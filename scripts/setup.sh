@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create or update .venv from the lock file. Idempotent: a venv already built from this lock is left alone.
+# torch is installed first, alone, as the CPU build (any looser pin would pull a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+  || { echo "setup: embedforge needs Python 3.11; set PYTHON=/path/to/python3.11" >&2; exit 1; }
+
+stamp="$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+if [[ -x .venv/bin/python && "$(cat .venv/.embedforge-lock 2>/dev/null)" == "$stamp" ]]; then
+  echo "setup: .venv is current"
+  exit 0
+fi
+[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet torch==2.13.0
+.venv/bin/python -m pip install --quiet -r requirements.lock
+.venv/bin/python -m pip install --quiet --no-deps -e .
+echo "$stamp" > .venv/.embedforge-lock
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, sentence_transformers as st; print(f"torch {torch.__version__}, sentence-transformers {st.__version__}")'))"
