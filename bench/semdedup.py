@@ -33,13 +33,14 @@ from components.curate import (
     semantic_dedup,
 )
 
-DEFAULTS = CurateConfig()
+DEFAULTS = CurateConfig.model_validate({})  # the curate stage's built-in defaults
 
 
 def load_train_dev(embeddings: Path, curated: Path) -> tuple[np.ndarray, list[str]]:
     """Train+dev vectors and ids in pipeline order: kept non-test pairs plus the semantic-duplicate drops."""
     try:
-        vectors_manifest = artifacts.read_manifest(embeddings, kind=EMBEDDINGS_KIND, schema_version=EMBEDDINGS_SCHEMA)
+        vectors_manifest = artifacts.read_manifest(embeddings, kind=EMBEDDINGS_KIND,
+                                                   schema_version=EMBEDDINGS_SCHEMA)
         curated_manifest = artifacts.read_manifest(curated, kind=CURATED_KIND, schema_version=CURATED_SCHEMA)
     except artifacts.ArtifactError as exc:
         sys.exit(f"{exc}\nRun `dvc repro` first: this bench needs the artifacts of the curate stage.")
@@ -53,7 +54,8 @@ def load_train_dev(embeddings: Path, curated: Path) -> tuple[np.ndarray, list[st
     vectors = np.load(embeddings / "embeddings.npy", allow_pickle=False)
     mask = ids.isin(wanted).to_numpy()
     if len(ids) != len(vectors) or mask.sum() != len(wanted):
-        sys.exit(f"{embeddings}: ids do not match the vectors or the curated train+dev rows; run `dvc repro` first.")
+        sys.exit(f"{embeddings}: ids do not match the vectors or the curated train+dev rows; "
+                 "run `dvc repro` first.")
     return vectors[mask], ids[mask].tolist()
 
 
@@ -79,7 +81,8 @@ def summary(result: SemanticDedup, seconds: float, eps: float, keep: KeepRule) -
     similarity = np.array([row["similarity"] for row in result.audit])
     dropped = len(result.audit)
     return {
-        "keep": keep.value, "eps": eps, "threshold": 1.0 - eps, "dropped": dropped, "kept": int(result.keep.sum()),
+        "keep": keep.value, "eps": eps, "threshold": 1.0 - eps, "dropped": dropped,
+        "kept": int(result.keep.sum()),
         "dedup_rate_pct": 100.0 * dropped / len(result.keep),
         "sim_median": float(np.median(similarity)) if dropped else None,
         "sim_p10": float(np.percentile(similarity, 10)) if dropped else None,
@@ -105,20 +108,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.15, 0.2],
                         help="eps values for the dedup-rate table")
     parser.add_argument("--n-clusters", type=int, default=DEFAULTS.n_clusters, help="k-means clusters")
-    parser.add_argument("--iterations", type=int, default=DEFAULTS.kmeans_iterations, help="k-means iterations")
+    parser.add_argument("--iterations", type=int, default=DEFAULTS.kmeans_iterations,
+                        help="k-means iterations")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="k-means seed")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs at the default eps")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
     vectors, ids = load_train_dev(args.embeddings, args.curated)
-    machine = {"cores": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(), "faiss": faiss.__version__,
-               "numpy": np.__version__, "python": platform.python_version()}
+    machine = {"cores": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
+               "faiss": faiss.__version__, "numpy": np.__version__, "python": platform.python_version()}
     print(f"machine: {machine}\ntrain+dev rows: {len(ids)} (dim {vectors.shape[1]})\n")
 
     eps, keep = DEFAULTS.eps, DEFAULTS.keep
-    totals = [timed_dedup(vectors, ids, args, eps, keep)[1] for _ in range(args.repeats)]
-    kmeans = [timed_kmeans(vectors, args) for _ in range(args.repeats)]
+    # interleaved, so that a change in machine load hits both measurements alike
+    runs = [(timed_dedup(vectors, ids, args, eps, keep)[1], timed_kmeans(vectors, args))
+            for _ in range(args.repeats)]
+    totals, kmeans = zip(*runs, strict=True)
     total, kmeans_s = statistics.median(totals), statistics.median(kmeans)
     timing = {"rows": len(ids), "eps": eps, "keep": keep.value, "n_clusters": args.n_clusters,
               "repeats": args.repeats, "total_s": total, "kmeans_s": kmeans_s, "greedy_s": total - kmeans_s,

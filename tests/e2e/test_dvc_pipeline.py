@@ -1,4 +1,4 @@
-"""End to end: `dvc repro` of the smoke profile in a temporary copy of the repository.
+"""End to end: `dvc repro` of the smoke profile (every stage) in a temporary copy of the repository.
 
 Specifies what a user gets from the embedded default: every artifact published with a manifest, metrics and
 plots written, one MLflow parent run with a nested run per stage, and a second `dvc repro` that re-runs nothing.
@@ -59,12 +59,22 @@ def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return project
 
 
+STAGES = {"curate", "mine", "train", "distill", "evaluate"}
+
+
 def test_smoke_repro_publishes_every_artifact_with_a_manifest(smoke_project: Path) -> None:
     curated = read_manifest(smoke_project / "data/curated", kind="curated_pairs", schema_version=1)
     embeddings = read_manifest(smoke_project / "data/embeddings/base", kind="embeddings", schema_version=1)
     beir = read_manifest(smoke_project / "data/beir/debian-test", kind="beir", schema_version=1)
+    mined = read_manifest(smoke_project / "data/mined", kind="mined_pairs", schema_version=1)
+    teacher = read_manifest(smoke_project / "models/teacher", kind="sentence_transformer", schema_version=1)
+    student = read_manifest(smoke_project / "models/student", kind="sentence_transformer", schema_version=1)
     assert curated.counts["rows_test"] == beir.counts["queries"] > 0
     assert embeddings.counts["dim"] == 384
+    assert 0 < mined.counts["rows"] <= curated.counts["rows_train"]
+    assert teacher.counts == {"layers": 6, "dim": 384}
+    assert student.counts == {"layers": 3, "dim": 384}
+    assert student.inputs["teacher"] == teacher.fingerprint
     dataset = read_beir(smoke_project / "data/beir/debian-test")
     assert set(dataset.qrels) == set(dataset.queries)
 
@@ -73,12 +83,18 @@ def test_smoke_repro_writes_metrics_plots_and_report(smoke_project: Path) -> Non
     curate = json.loads((smoke_project / "metrics/curate.json").read_text())
     assert curate["rows_sampled"] - curate["dropped_total"] == curate["rows_out"]
     evaluate = json.loads((smoke_project / "metrics/evaluate.json").read_text())
-    assert 0.0 < evaluate["base/ndcg@10"] <= 1.0
+    for model in ("base", "teacher", "student"):
+        for dim in (384, 64):
+            assert 0.0 < evaluate[f"{model}/d{dim}/ndcg@10"] <= 1.0
     assert evaluate["queries"] == curate["rows_test"]
+    train = json.loads((smoke_project / "metrics/train.json").read_text())
+    assert train["loss_end"] < train["loss_start"]
     assert (smoke_project / "plots/curate_drops.csv").read_text().startswith("reason,count")
-    assert "| base |" in (smoke_project / "reports/evaluation.md").read_text()
+    assert (smoke_project / "plots/ndcg_vs_dim.csv").read_text().splitlines()[0] == "dim,base,teacher,student"
+    assert (smoke_project / "plots/mine_scores.png").stat().st_size > 0
+    assert "| student | 3 | 64 |" in (smoke_project / "reports/evaluation.md").read_text()
     shown = _dvc(smoke_project, "metrics", "show")
-    assert "base/ndcg@10" in shown.stdout
+    assert "student/d64/ndcg@10" in shown.stdout
 
 
 def test_smoke_repro_tracks_one_parent_run_with_a_nested_run_per_stage(smoke_project: Path) -> None:
@@ -92,8 +108,8 @@ def test_smoke_repro_tracks_one_parent_run_with_a_nested_run_per_stage(smoke_pro
     parent = parents[0]
     children = {run.data.tags["embedforge.stage"]: run for run in runs
                 if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"curate", "evaluate"}
-    assert children["evaluate"].data.metrics["base/ndcg_at_10"] > 0
+    assert set(children) == STAGES
+    assert children["evaluate"].data.metrics["student/d384/ndcg_at_10"] > 0
     assert children["curate"].data.params["eps"] == "0.05"
     assert parent.data.tags["embedforge.snapshot_sha256"] == children["curate"].data.tags["embedforge.data_fingerprint"]
     assert len(parent.data.tags["embedforge.git_commit"]) == 40

@@ -1,0 +1,202 @@
+"""distill: a smaller Matryoshka student from the teacher.
+
+The student is the teacher with fewer transformer layers (initialised from a chosen subset of the teacher's
+layers) and trained on two objectives at once, both under MatryoshkaLoss so every nested prefix of the
+embedding is itself a usable embedding:
+
+- embedding distillation: cosine distance between the student's and the teacher's (pre-computed) embeddings
+  of train queries and passages (EmbedDistillLoss; cosine, because MatryoshkaLoss re-normalises the student's
+  truncated vectors but not the teacher's);
+- optionally a contrastive term: MultipleNegativesRankingLoss on the mined (query, positive, negative) tuples,
+  which teaches the small prefixes to rank, not only to imitate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+from pydantic import Field, field_validator
+
+from components import artifacts
+from components.config import ConfigError, StageConfig, params_digest
+from components.mine import MINED_KIND, MINED_SCHEMA
+from components.train import MODEL_KIND, MODEL_SCHEMA, dev_evaluator, publish_model, training_arguments
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+STAGE = "distill"
+MATRYOSHKA_FILE = "embedforge_matryoshka.json"
+
+
+class DistillConfig(StageConfig):
+    layers: list[int] = Field(default_factory=lambda: [0, 2, 4], min_length=1)
+    matryoshka_dims: list[int] = Field(default_factory=lambda: [384, 256, 128, 64, 32], min_length=1)
+    contrastive_weight: float = Field(1.0, ge=0)
+    distill_texts: int | None = Field(None, ge=8)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, ge=2)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_seq_length: int = Field(128, ge=8, le=512)
+    serve_max_seq_length: int = Field(128, ge=8, le=512)
+    eval_steps: int = Field(100, ge=1)
+    dev_queries: int = Field(500, ge=10)
+    dev_corpus: int = Field(2000, ge=10)
+    teacher_batch_size: int = Field(64, ge=1)
+    cpu_bf16: bool = True
+    seed: int = 42
+
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _dims_descending(cls, dims: list[int]) -> list[int]:
+        if any(dim <= 0 for dim in dims) or dims != sorted(set(dims), reverse=True):
+            raise ValueError(f"matryoshka_dims must be positive, distinct and descending, e.g. [384, 256, 128]; got {dims}")
+        return dims
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_ascending(cls, layers: list[int]) -> list[int]:
+        if any(layer < 0 for layer in layers) or layers != sorted(set(layers)):
+            raise ValueError(f"layers must be distinct, ascending teacher layer indices, e.g. [0, 2, 4]; got {layers}")
+        return layers
+
+
+@dataclass(frozen=True)
+class DistillPaths:
+    teacher: Path
+    mined: Path
+    curated: Path
+    output: Path
+    checkpoints: Path
+
+
+def check_against_teacher(config: DistillConfig, teacher_layers: int, teacher_dim: int) -> None:
+    """Refuse a student the teacher cannot seed, before any work starts."""
+    if len(config.layers) >= teacher_layers or config.layers[-1] >= teacher_layers:
+        raise ConfigError(
+            f"distill.layers={config.layers}: the student must have fewer layers than the teacher "
+            f"({teacher_layers}) and pick indices 0..{teacher_layers - 1}"
+        )
+    if config.matryoshka_dims[0] != teacher_dim:
+        raise ConfigError(
+            f"distill.matryoshka_dims must start at the teacher's dimension {teacher_dim}; got {config.matryoshka_dims}"
+        )
+
+
+def make_student(teacher: SentenceTransformer, layers: list[int]) -> SentenceTransformer:
+    """A deep copy of the teacher keeping only `layers` of its transformer encoder."""
+    import torch
+
+    student = copy.deepcopy(teacher)
+    encoder_model = student[0].auto_model
+    kept = torch.nn.ModuleList([encoder_model.encoder.layer[index] for index in layers])
+    encoder_model.encoder.layer = kept
+    encoder_model.config.num_hidden_layers = len(layers)
+    return student
+
+
+def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
+    """Build, train and publish the student; returns flat metrics."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer import losses
+
+    from components.embed import encode, load_model
+
+    started = time.perf_counter()
+    teacher_manifest = artifacts.read_manifest(paths.teacher, kind=MODEL_KIND, schema_version=MODEL_SCHEMA)
+    mined_manifest = artifacts.read_manifest(paths.mined, kind=MINED_KIND, schema_version=MINED_SCHEMA)
+    check_against_teacher(config, teacher_manifest.counts["layers"], teacher_manifest.counts["dim"])
+    teacher = load_model(str(paths.teacher), max_seq_length=config.max_seq_length)
+    mined = pd.read_parquet(paths.mined / "pairs.parquet")
+    evaluator = dev_evaluator(pd.read_parquet(paths.curated / "pairs.parquet"), queries=config.dev_queries,
+                              corpus=config.dev_corpus, seed=config.seed)
+
+    texts = pd.unique(pd.concat([mined["query"], mined["positive"]])).tolist()
+    if config.distill_texts is not None and len(texts) > config.distill_texts:
+        texts = pd.Series(texts).sample(n=config.distill_texts, random_state=config.seed).tolist()
+    targets = encode(teacher, texts, batch_size=config.teacher_batch_size, label="teacher targets")
+    teacher_dev = evaluator(teacher)["dev_cosine_ndcg@10"]
+
+    student = make_student(teacher, config.layers)
+    datasets = {"distill": Dataset.from_dict({"text": texts, "label": targets.vectors.tolist()})}
+    objectives = {"distill": losses.MatryoshkaLoss(
+        student, losses.EmbedDistillLoss(student, distance_metric="cosine"), config.matryoshka_dims)}
+    if config.contrastive_weight > 0:
+        datasets["contrastive"] = Dataset.from_dict(
+            {"anchor": mined["query"].tolist(), "positive": mined["positive"].tolist(),
+             "negative": mined["negative_1"].tolist()})
+        objectives["contrastive"] = losses.MatryoshkaLoss(
+            student, losses.MultipleNegativesRankingLoss(student), config.matryoshka_dims,
+            matryoshka_weights=[config.contrastive_weight] * len(config.matryoshka_dims))
+    arguments = training_arguments(config, paths.checkpoints)
+    trainer = SentenceTransformerTrainer(model=student, args=arguments, train_dataset=datasets, loss=objectives,
+                                         evaluator=evaluator)
+    output = trainer.train()
+    student.max_seq_length = config.serve_max_seq_length
+    student_dev = evaluator(student)["dev_cosine_ndcg@10"]
+    metrics = {
+        "student_layers": len(config.layers),
+        "distill_texts": len(texts),
+        "steps": trainer.state.global_step,
+        "train_loss": output.training_loss,
+        "teacher_dev_ndcg@10": teacher_dev,
+        "student_dev_ndcg@10": student_dev,
+        "student_to_teacher_dev": student_dev / teacher_dev if teacher_dev else 0.0,
+        "teacher_encode_per_s": targets.per_second,
+        "seconds": time.perf_counter() - started,
+    }
+    if trainer.is_world_process_zero():
+        publish_model(student, paths.output, stage=STAGE, digest=params_digest(config), metrics=metrics,
+                      inputs={"teacher": teacher_manifest.fingerprint, "mined": mined_manifest.fingerprint},
+                      extra={"layers_from_teacher": config.layers, "matryoshka_dims": config.matryoshka_dims},
+                      files={MATRYOSHKA_FILE: json.dumps({"matryoshka_dims": config.matryoshka_dims})})
+        shutil.rmtree(paths.checkpoints, ignore_errors=True)
+    log.info("distill: %d-layer student, dev nDCG@10 %.4f (teacher %.4f) in %.0fs", len(config.layers), student_dev,
+             teacher_dev, metrics["seconds"])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: `python -m components.distill` / `embedforge distill`."""
+    from components.cli import StageOutcome, configure_logging, load_config, run_stage, stage_parser
+
+    parser = stage_parser(STAGE, __doc__.splitlines()[0])
+    parser.add_argument("--teacher", type=Path, default=Path("models/teacher"), help="teacher model artifact")
+    parser.add_argument("--mined", type=Path, default=Path("data/mined"), help="mined pairs artifact")
+    parser.add_argument("--curated", type=Path, default=Path("data/curated"), help="curated pairs (dev split)")
+    parser.add_argument("--output", type=Path, default=Path("models/student"), help="student model artifact")
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/student"), help="checkpoint dir")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/distill.json"), help="metrics JSON for DVC")
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    config = load_config(DistillConfig, STAGE, args)
+    paths = DistillPaths(teacher=args.teacher, mined=args.mined, curated=args.curated, output=args.output,
+                         checkpoints=args.checkpoints)
+
+    def work() -> StageOutcome:
+        metrics = distill(config, paths)
+        fingerprint = artifacts.read_manifest(paths.teacher, kind=MODEL_KIND, schema_version=MODEL_SCHEMA,
+                                              verify=False).fingerprint
+        return StageOutcome(metrics=metrics, data_fingerprint=fingerprint)
+
+    run_stage(STAGE, args, config, work, args.metrics)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from components.cli import guarded
+
+    sys.exit(guarded(main)())

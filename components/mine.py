@@ -1,0 +1,274 @@
+"""mine: hard negatives for every training query, with positive-aware false-negative filtering.
+
+For each train query, retrieve the nearest train passages with faiss (reusing the base-model passage
+embeddings cached by curate: the corpus is never embedded twice with the same model), then walk the
+candidates in rank order inside `[range_min, range_max)` and skip:
+
+- the positive itself (`positives_skipped`), and any passage whose normalised text equals it (`duplicate`);
+- a near-duplicate of the positive: passage-passage cosine above `duplicate_threshold` (`duplicate`);
+- a likely false negative: query-candidate score above `max_score_ratio` x the query-positive score
+  (NV-Retriever's TopK-PercPos, Moreira et al. 2024: 0.95 was their best setting).
+
+The first `num_negatives` survivors are the hard negatives. Queries with fewer survivors are dropped and
+counted, never padded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from components import artifacts
+from components.config import StageConfig, params_digest
+from components.curate import CURATED_KIND, CURATED_SCHEMA, EMBEDDINGS_KIND, EMBEDDINGS_SCHEMA
+from components.text import text_key
+
+log = logging.getLogger(__name__)
+
+STAGE = "mine"
+MINED_KIND, MINED_SCHEMA = "mined_pairs", 1
+
+
+class MineConfig(StageConfig):
+    num_negatives: int = Field(3, ge=1, le=64)
+    range_min: int = Field(0, ge=0)
+    range_max: int = Field(50, ge=2)
+    max_score_ratio: float = Field(0.95, gt=0.0, le=1.0)
+    duplicate_threshold: float = Field(0.95, gt=0.0, le=1.0)
+    query_batch_size: int = Field(128, ge=1)
+    query_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    max_queries: int | None = Field(None, ge=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _check(self) -> MineConfig:
+        if self.range_max - self.range_min < self.num_negatives:
+            raise ValueError(
+                f"range_max - range_min ({self.range_max} - {self.range_min}) must be at least "
+                f"num_negatives ({self.num_negatives})"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class MinePaths:
+    curated: Path
+    embeddings: Path
+    output: Path
+
+
+@dataclass(frozen=True)
+class MineResult:
+    metrics: dict[str, float]
+    positive_scores: np.ndarray
+    negative_scores: np.ndarray
+    removed_scores: np.ndarray
+    data_fingerprint: str
+
+
+def load_embeddings(path: Path) -> tuple[artifacts.Manifest, np.ndarray, list[str]]:
+    """The cached passage embeddings written by curate, checked against their manifest."""
+    manifest = artifacts.read_manifest(path, kind=EMBEDDINGS_KIND, schema_version=EMBEDDINGS_SCHEMA)
+    vectors = np.load(path / "embeddings.npy", allow_pickle=False)
+    ids = pd.read_parquet(path / "ids.parquet")["id"].tolist()
+    if vectors.shape != (manifest.counts["vectors"], manifest.counts["dim"]) or len(ids) != len(vectors):
+        raise artifacts.ArtifactError(
+            f"{path}: embeddings shape {vectors.shape} and {len(ids)} ids disagree with the manifest counts "
+            f"{manifest.counts}; re-run curate"
+        )
+    return manifest, vectors, ids
+
+
+@dataclass(frozen=True)
+class Selection:
+    negatives: list[list[tuple[int, float]]]  # per query: (corpus position, query score) of each chosen negative
+    candidates_seen: int
+    positives_skipped: int
+    false_negatives_removed: int
+    duplicates_removed: int
+    removed_scores: list[float]
+
+
+def select_negatives(
+    scores: np.ndarray,
+    neighbours: np.ndarray,
+    positive_positions: np.ndarray,
+    positive_scores: np.ndarray,
+    passage_vectors: np.ndarray,
+    passage_keys: list[str],
+    config: MineConfig,
+) -> Selection:
+    """Walk each query's ranked candidates and keep the first `num_negatives` that pass every filter."""
+    chosen: list[list[tuple[int, float]]] = []
+    seen = positives = false_negatives = duplicates = 0
+    removed_scores: list[float] = []
+    for row in range(len(neighbours)):
+        positive = int(positive_positions[row])
+        limit = config.max_score_ratio * positive_scores[row]
+        picked: list[tuple[int, float]] = []
+        for rank in range(config.range_min, min(config.range_max, neighbours.shape[1])):
+            candidate = int(neighbours[row, rank])
+            if candidate < 0:
+                break
+            seen += 1
+            if candidate == positive:
+                positives += 1
+                continue
+            if (
+                passage_keys[candidate] == passage_keys[positive]
+                or float(passage_vectors[candidate] @ passage_vectors[positive]) > config.duplicate_threshold
+            ):
+                duplicates += 1
+                continue
+            if scores[row, rank] > limit:
+                false_negatives += 1
+                removed_scores.append(float(scores[row, rank]))
+                continue
+            picked.append((candidate, float(scores[row, rank])))
+            if len(picked) == config.num_negatives:
+                break
+        chosen.append(picked)
+    return Selection(chosen, seen, positives, false_negatives, duplicates, removed_scores)
+
+
+def mine(config: MineConfig, paths: MinePaths) -> MineResult:
+    """Mine hard negatives for the train split and publish (id, query, positive, negative_1..n) as Parquet."""
+    import faiss
+
+    from components.embed import encode, load_model
+
+    started = time.perf_counter()
+    curated_manifest = artifacts.read_manifest(paths.curated, kind=CURATED_KIND, schema_version=CURATED_SCHEMA)
+    embeddings_manifest, vectors, embedded_ids = load_embeddings(paths.embeddings)
+    pairs = pd.read_parquet(paths.curated / "pairs.parquet")
+    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    if config.max_queries is not None and len(train) > config.max_queries:
+        train = train.sample(n=config.max_queries, random_state=config.seed).sort_values("id").reset_index(drop=True)
+    position_of = {row_id: position for position, row_id in enumerate(embedded_ids)}
+    missing = [row_id for row_id in train["id"] if row_id not in position_of]
+    if missing:
+        raise artifacts.ArtifactError(
+            f"{paths.embeddings}: no embedding for {len(missing)} curated train id(s), e.g. {missing[:3]}; "
+            f"the embeddings and {paths.curated} come from different curate runs - re-run curate"
+        )
+    corpus = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    corpus_vectors = vectors[[position_of[row_id] for row_id in corpus["id"]]]
+    corpus_position = {row_id: position for position, row_id in enumerate(corpus["id"])}
+    positive_positions = np.array([corpus_position[row_id] for row_id in train["id"]])
+
+    model_ref = embeddings_manifest.extra["model"]
+    model = load_model(model_ref, max_seq_length=embeddings_manifest.extra["max_seq_length"], dtype=config.query_dtype)
+    queries = encode(model, train["query"].tolist(), batch_size=config.query_batch_size, label="train queries")
+    index = faiss.IndexFlatIP(corpus_vectors.shape[1])
+    index.add(corpus_vectors)
+    depth = min(config.range_max, len(corpus))
+    scores, neighbours = index.search(queries.vectors, depth)
+    positive_scores = np.einsum("ij,ij->i", queries.vectors, corpus_vectors[positive_positions])
+    selection = select_negatives(
+        scores, neighbours, positive_positions, positive_scores, corpus_vectors,
+        [text_key(text) for text in corpus["positive"]], config,
+    )
+    complete = np.array([len(negatives) == config.num_negatives for negatives in selection.negatives])
+    mined = train.loc[complete, ["id", "query", "positive"]].reset_index(drop=True)
+    chosen = [negatives for negatives, ok in zip(selection.negatives, complete, strict=True) if ok]
+    texts = corpus["positive"].tolist()
+    for slot in range(config.num_negatives):
+        mined[f"negative_{slot + 1}"] = [texts[negatives[slot][0]] for negatives in chosen]
+    mined["negative_ids"] = [[corpus["id"][position] for position, _ in negatives] for negatives in chosen]
+    negative_scores = np.array([score for negatives in chosen for _, score in negatives])
+
+    metrics: dict[str, float] = {
+        "queries": len(train),
+        "queries_mined": len(mined),
+        "queries_without_enough_negatives": int((~complete).sum()),
+        "corpus_passages": len(corpus),
+        "candidates_seen": selection.candidates_seen,
+        "positives_skipped": selection.positives_skipped,
+        "false_negatives_removed": selection.false_negatives_removed,
+        "duplicates_removed": selection.duplicates_removed,
+        "false_negative_rate": selection.false_negatives_removed / max(selection.candidates_seen, 1),
+        "positive_score_mean": float(positive_scores.mean()),
+        "negative_score_mean": float(negative_scores.mean()) if len(negative_scores) else 0.0,
+        "encode_queries_per_s": queries.per_second,
+        "seconds": time.perf_counter() - started,
+    }
+    with artifacts.publish(
+        paths.output, kind=MINED_KIND, schema_version=MINED_SCHEMA, stage=STAGE, params_digest=params_digest(config),
+        inputs={"curated": curated_manifest.fingerprint, "embeddings": embeddings_manifest.fingerprint},
+    ) as (tmp, meta):
+        mined.to_parquet(tmp / "pairs.parquet", index=False)
+        meta["counts"] = {"rows": len(mined), "negatives_per_query": config.num_negatives}
+        meta["extra"] = {"columns": list(mined.columns), "embedding_model": model_ref}
+    log.info(
+        "mine: %d/%d queries mined, %d candidates seen, %d false negatives and %d duplicates removed in %.0fs",
+        len(mined), len(train), selection.candidates_seen, selection.false_negatives_removed,
+        selection.duplicates_removed, metrics["seconds"],
+    )
+    return MineResult(
+        metrics=metrics,
+        positive_scores=positive_scores,
+        negative_scores=negative_scores,
+        removed_scores=np.array(selection.removed_scores),
+        data_fingerprint=curated_manifest.fingerprint,
+    )
+
+
+def plot_scores(result: MineResult, path: Path) -> None:
+    """Histogram of positive, chosen-negative and removed-candidate scores: shows where the filter cuts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(-0.2, 1.0, 61)
+    for values, label in ((result.positive_scores, "positive"), (result.negative_scores, "hard negative"),
+                          (result.removed_scores, "removed (likely false negative)")):
+        if len(values):
+            axis.hist(values, bins=bins, alpha=0.5, label=f"{label} (n={len(values)})")
+    axis.set_xlabel("cosine(query, passage), base model")
+    axis.set_ylabel("count")
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: `python -m components.mine` / `embedforge mine`."""
+    from components.cli import StageOutcome, configure_logging, load_config, run_stage, stage_parser
+
+    parser = stage_parser(STAGE, __doc__.splitlines()[0])
+    parser.add_argument("--curated", type=Path, default=Path("data/curated"), help="curated pairs artifact")
+    parser.add_argument("--embeddings", type=Path, default=Path("data/embeddings/base"),
+                        help="base-model passage embeddings artifact from curate")
+    parser.add_argument("--output", type=Path, default=Path("data/mined"), help="mined pairs artifact")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/mine.json"), help="metrics JSON for DVC")
+    parser.add_argument("--plot", type=Path, default=Path("plots/mine_scores.png"), help="score histogram")
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    config = load_config(MineConfig, STAGE, args)
+    paths = MinePaths(curated=args.curated, embeddings=args.embeddings, output=args.output)
+
+    def work() -> StageOutcome:
+        result = mine(config, paths)
+        plot_scores(result, args.plot)
+        return StageOutcome(metrics=result.metrics, data_fingerprint=result.data_fingerprint, files=[args.plot])
+
+    run_stage(STAGE, args, config, work, args.metrics)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from components.cli import guarded
+
+    sys.exit(guarded(main)())

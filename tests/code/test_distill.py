@@ -1,0 +1,78 @@
+"""distill: the student is a layer subset of the teacher, trained on nested dims, and bad params fail early."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.artifacts import read_manifest
+from components.config import ConfigError, build_config
+from components.distill import MATRYOSHKA_FILE, DistillConfig, DistillPaths, check_against_teacher, distill, make_student
+from components.embed import load_model
+from components.evaluate import truncate
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"matryoshka_dims": [128, 384]}, "descending"),
+        ({"matryoshka_dims": [384, 384, 64]}, "distinct"),
+        ({"matryoshka_dims": [384, 0]}, "positive"),
+        ({"layers": [2, 0]}, "ascending"),
+        ({"layers": []}, "layers"),
+        ({"contrastive_weight": -1}, "contrastive_weight"),
+    ],
+)
+def test_bad_distill_params_are_rejected_naming_the_key(section: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(DistillConfig, section, where="params.yaml:distill")
+
+
+@pytest.mark.parametrize(
+    ("layers", "dims", "message"),
+    [
+        ([0, 1, 2, 3, 4, 5], [384], "fewer layers than the teacher"),
+        ([0, 7], [384], r"indices 0\.\.5"),
+        ([0, 2], [256, 64], "must start at the teacher's dimension 384"),
+    ],
+)
+def test_a_student_the_teacher_cannot_seed_is_refused(layers: list[int], dims: list[int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_against_teacher(DistillConfig(layers=layers, matryoshka_dims=dims), teacher_layers=6, teacher_dim=384)
+
+
+def test_the_student_keeps_exactly_the_requested_teacher_layers(tiny_teacher_dir: Path) -> None:
+    teacher = load_model(str(tiny_teacher_dir))
+    student = make_student(teacher, [0, 2])
+    student_layers = student[0].auto_model.encoder.layer
+    teacher_layers = teacher[0].auto_model.encoder.layer
+    assert len(student_layers) == 2 and student[0].auto_model.config.num_hidden_layers == 2
+    for kept, source in zip(student_layers, [teacher_layers[0], teacher_layers[2]], strict=True):
+        for (name, value), (_, original) in zip(kept.state_dict().items(), source.state_dict().items(), strict=True):
+            assert torch.equal(value, original), name
+    assert len(teacher_layers) == 4  # the teacher itself is untouched
+
+
+@pytest.mark.slow
+def test_distill_publishes_a_matryoshka_student_whose_truncated_embeddings_are_unit_length(
+    tmp_path: Path, tiny_teacher_dir: Path, training_inputs: tuple[Path, Path]
+) -> None:
+    curated, mined = training_inputs
+    config = DistillConfig(layers=[0, 2], matryoshka_dims=[32, 16, 8], batch_size=16, max_seq_length=32,
+                           eval_steps=8, dev_queries=16, dev_corpus=32, learning_rate=1e-3)
+    paths = DistillPaths(teacher=tiny_teacher_dir, mined=mined, curated=curated, output=tmp_path / "student",
+                         checkpoints=tmp_path / "ckpt")
+    metrics = distill(config, paths)
+    assert metrics["student_layers"] == 2
+    manifest = read_manifest(paths.output, kind="sentence_transformer", schema_version=1)
+    assert manifest.counts == {"layers": 2, "dim": 32}
+    assert manifest.extra["layers_from_teacher"] == [0, 2]
+    assert json.loads((paths.output / MATRYOSHKA_FILE).read_text()) == {"matryoshka_dims": [32, 16, 8]}
+    student = load_model(str(paths.output))
+    vectors = student.encode(["a mail server", "a font package"], normalize_embeddings=True)
+    for dim in (16, 8):
+        assert np.allclose(np.linalg.norm(truncate(vectors, dim), axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,105 @@
+"""train: the teacher fine-tune learns, resumes after a kill, and refuses bad params before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from components.artifacts import read_manifest
+from components.config import ConfigError, build_config
+from components.train import TrainConfig, TrainPaths, train, training_frame
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"loss": "triplet"}, r"loss.*'mnrl', 'cached_mnrl' or 'gist'"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"epochs": -1}, "epochs"),
+        ({"lr": 0.1}, r"train\.lr"),
+    ],
+)
+def test_bad_train_params_are_rejected_naming_the_key(section: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(TrainConfig, section, where="params.yaml:train")
+
+
+def test_asking_for_more_hard_negatives_than_mined_is_rejected() -> None:
+    mined = pd.DataFrame({"query": ["q"], "positive": ["p"], "negative_1": ["n"], "negative_ids": [["x"]]})
+    with pytest.raises(ConfigError, match=r"hard_negatives=2 but the mined data has 1"):
+        training_frame(mined, TrainConfig(hard_negatives=2))
+
+
+def test_training_frame_orders_columns_as_the_losses_expect() -> None:
+    mined = pd.DataFrame({"query": ["q"], "positive": ["p"], "negative_1": ["n1"], "negative_2": ["n2"],
+                          "negative_ids": [["a", "b"]]})
+    assert list(training_frame(mined, TrainConfig(hard_negatives=2)).columns) == [
+        "anchor", "positive", "negative_1", "negative_2"]
+    assert list(training_frame(mined, TrainConfig(hard_negatives=0)).columns) == ["anchor", "positive"]
+
+
+def _train_rows(mined: Path) -> int:
+    return len(pd.read_parquet(mined / "pairs.parquet"))
+
+
+def _tiny_config(model: Path, **overrides: object) -> TrainConfig:
+    settings = {"base_model": str(model), "batch_size": 16, "epochs": 4, "learning_rate": 1e-3, "max_seq_length": 32,
+                "eval_steps": 8, "dev_queries": 16, "dev_corpus": 32, "warmup_ratio": 0.0} | overrides
+    return TrainConfig(**settings)
+
+
+@pytest.mark.slow
+def test_training_loss_falls_and_the_best_model_is_published(
+    tmp_path: Path, tiny_model_dir: Path, training_inputs: tuple[Path, Path]
+) -> None:
+    curated, mined = training_inputs
+    paths = TrainPaths(mined=mined, curated=curated, output=tmp_path / "teacher", checkpoints=tmp_path / "ckpt")
+    result = train(_tiny_config(tiny_model_dir), paths)
+    assert result.metrics["loss_end"] < result.metrics["loss_start"]
+    assert result.metrics["steps"] == 4 * (_train_rows(mined) // 16)
+    manifest = read_manifest(paths.output, kind="sentence_transformer", schema_version=1)
+    assert manifest.counts == {"layers": 2, "dim": 32}
+    assert (paths.output / "model.safetensors").is_file()
+    assert not paths.checkpoints.exists()  # cleaned up once the model is published
+
+
+@pytest.mark.slow
+def test_a_killed_training_run_resumes_from_its_checkpoint_and_finishes(
+    tmp_path: Path, tiny_model_dir: Path, training_inputs: tuple[Path, Path]
+) -> None:
+    curated, mined = training_inputs
+    params = tmp_path / "params.yaml"
+    section = _tiny_config(tiny_model_dir, epochs=20, eval_steps=20).model_dump(mode="json")
+    params.write_text(yaml.safe_dump({"profile": "default", "train": section}))
+    checkpoints = tmp_path / "ckpt"
+    command = [sys.executable, "-m", "components.train", "--params", str(params), "--no-tracking",
+               "--mined", str(mined), "--curated", str(curated), "--output", str(tmp_path / "teacher"),
+               "--checkpoints", str(checkpoints), "--metrics", str(tmp_path / "metrics.json")]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and first.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint was written in time"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert first.returncode == -signal.SIGKILL, "training finished before it could be killed; make it longer"
+    assert not (tmp_path / "teacher").exists()  # nothing published by the killed run
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["resumed"] == 1.0
+    assert metrics["steps"] == 20 * (_train_rows(mined) // 16)
+    assert "resuming from" in second.stderr
+    read_manifest(tmp_path / "teacher", kind="sentence_transformer", schema_version=1)
