@@ -60,8 +60,13 @@ def configure_logging(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def load_config(model: type[ConfigT], stage: str, args: argparse.Namespace) -> ConfigT:
-    return load_stage_config(model, stage, args.params, args.profile)
+def parse_stage_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None, model: type[ConfigT], stage: str
+) -> tuple[argparse.Namespace, ConfigT]:
+    """Parse argv, configure logging, and validate the stage's config before any work starts."""
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    return args, load_stage_config(model, stage, args.params, args.profile)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -334,14 +334,7 @@ def curate(config: CurateConfig, paths: CuratePaths) -> CurateResult:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.curate` / `embedforge curate`."""
-    from components.cli import (
-        StageOutcome,
-        configure_logging,
-        load_config,
-        run_stage,
-        stage_parser,
-        write_text_atomic,
-    )
+    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser, write_text_atomic
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=Path("data/raw/debian-bookworm/pairs.jsonl.gz"),
@@ -352,9 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beir", type=Path, default=Path("data/beir/debian-test"), help="BEIR export of the test split")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/curate.json"), help="metrics JSON for DVC")
     parser.add_argument("--plot", type=Path, default=Path("plots/curate_drops.csv"), help="drops per rule, for DVC plots")
-    args = parser.parse_args(argv)
-    configure_logging(args.verbose)
-    config = load_config(CurateConfig, STAGE, args)
+    args, config = parse_stage_args(parser, argv, CurateConfig, STAGE)
     paths = CuratePaths(input=args.input, output=args.output, embeddings=args.embeddings, beir=args.beir)
 
     def work() -> StageOutcome:

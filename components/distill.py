@@ -43,6 +43,7 @@ class DistillConfig(StageConfig):
     layers: list[int] = Field(default_factory=lambda: [0, 2, 4], min_length=1)
     matryoshka_dims: list[int] = Field(default_factory=lambda: [384, 256, 128, 64, 32], min_length=1)
     contrastive_weight: float = Field(1.0, ge=0)
+    contrastive_pairs: int | None = Field(None, ge=8)
     distill_texts: int | None = Field(None, ge=8)
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(64, ge=2)
@@ -134,9 +135,12 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     objectives = {"distill": losses.MatryoshkaLoss(
         student, losses.EmbedDistillLoss(student, distance_metric="cosine"), config.matryoshka_dims)}
     if config.contrastive_weight > 0:
+        triplets = mined
+        if config.contrastive_pairs is not None and len(mined) > config.contrastive_pairs:
+            triplets = mined.sample(n=config.contrastive_pairs, random_state=config.seed)
         datasets["contrastive"] = Dataset.from_dict(
-            {"anchor": mined["query"].tolist(), "positive": mined["positive"].tolist(),
-             "negative": mined["negative_1"].tolist()})
+            {"anchor": triplets["query"].tolist(), "positive": triplets["positive"].tolist(),
+             "negative": triplets["negative_1"].tolist()})
         objectives["contrastive"] = losses.MatryoshkaLoss(
             student, losses.MultipleNegativesRankingLoss(student), config.matryoshka_dims,
             matryoshka_weights=[config.contrastive_weight] * len(config.matryoshka_dims))
@@ -170,7 +174,7 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.distill` / `embedforge distill`."""
-    from components.cli import StageOutcome, configure_logging, load_config, run_stage, stage_parser
+    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
     parser.add_argument("--teacher", type=Path, default=Path("models/teacher"), help="teacher model artifact")
@@ -179,9 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("models/student"), help="student model artifact")
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/student"), help="checkpoint dir")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/distill.json"), help="metrics JSON for DVC")
-    args = parser.parse_args(argv)
-    configure_logging(args.verbose)
-    config = load_config(DistillConfig, STAGE, args)
+    args, config = parse_stage_args(parser, argv, DistillConfig, STAGE)
     paths = DistillPaths(teacher=args.teacher, mined=args.mined, curated=args.curated, output=args.output,
                          checkpoints=args.checkpoints)
 

@@ -9,6 +9,7 @@ BEIR directory from the command line:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import time
@@ -168,9 +169,22 @@ def evaluate(config: EvaluateConfig, beir_dir: Path) -> EvaluateResult:
     return EvaluateResult(metrics=metrics, table=format_table(metrics, list(config.models)), data_fingerprint=fingerprint)
 
 
+def _models_from_argv(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, str]:
+    """`--model NAME=PATH` (or a bare PATH, named after its directory) replaces params' models."""
+    items = parser.parse_args(argv).model or []
+    return dict(item.split("=", 1) if "=" in item else (Path(item).name or item, item) for item in items)
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.evaluate` / `embedforge evaluate`."""
-    from components.cli import StageOutcome, configure_logging, load_config, run_stage, stage_parser, write_text_atomic
+    from components.cli import (
+        StageOutcome,
+        configure_logging,
+        parse_stage_args,
+        run_stage,
+        stage_parser,
+        write_text_atomic,
+    )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
     parser.add_argument("--beir", type=Path, default=Path("data/beir/debian-test"), help="BEIR directory to evaluate on")
@@ -180,13 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, default=Path("reports/evaluation.md"), help="Markdown results table")
     parser.add_argument("--plot", type=Path, default=Path("plots/ndcg_vs_dim.csv"),
                         help="nDCG@10 per model and dim, for DVC plots")
-    args = parser.parse_args(argv)
-    configure_logging(args.verbose)
-    if args.model:
-        models = dict(item.split("=", 1) if "=" in item else (Path(item).name or item, item) for item in args.model)
-        config = EvaluateConfig(models=models)
+    if argv_models := _models_from_argv(parser, argv):
+        args = parser.parse_args(argv)
+        configure_logging(args.verbose)
+        config = EvaluateConfig(models=argv_models)
     else:
-        config = load_config(EvaluateConfig, STAGE, args)
+        args, config = parse_stage_args(parser, argv, EvaluateConfig, STAGE)
 
     def work() -> StageOutcome:
         result = evaluate(config, args.beir)

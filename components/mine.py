@@ -244,7 +244,7 @@ def plot_scores(result: MineResult, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.mine` / `embedforge mine`."""
-    from components.cli import StageOutcome, configure_logging, load_config, run_stage, stage_parser
+    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
     parser.add_argument("--curated", type=Path, default=Path("data/curated"), help="curated pairs artifact")
@@ -253,9 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("data/mined"), help="mined pairs artifact")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/mine.json"), help="metrics JSON for DVC")
     parser.add_argument("--plot", type=Path, default=Path("plots/mine_scores.png"), help="score histogram")
-    args = parser.parse_args(argv)
-    configure_logging(args.verbose)
-    config = load_config(MineConfig, STAGE, args)
+    args, config = parse_stage_args(parser, argv, MineConfig, STAGE)
     paths = MinePaths(curated=args.curated, embeddings=args.embeddings, output=args.output)
 
     def work() -> StageOutcome:

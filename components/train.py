@@ -280,7 +280,7 @@ def publish_model(
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.train` / `embedforge train` (or under `torchrun` on several GPUs)."""
-    from components.cli import StageOutcome, configure_logging, load_config, run_stage, stage_parser
+    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
     parser.add_argument("--mined", type=Path, default=Path("data/mined"), help="mined pairs artifact")
@@ -289,9 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/teacher"),
                         help="checkpoint dir; a re-run with the same params resumes from it")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/train.json"), help="metrics JSON for DVC")
-    args = parser.parse_args(argv)
-    configure_logging(args.verbose)
-    config = load_config(TrainConfig, STAGE, args)
+    args, config = parse_stage_args(parser, argv, TrainConfig, STAGE)
     paths = TrainPaths(mined=args.mined, curated=args.curated, output=args.output, checkpoints=args.checkpoints)
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # other torchrun ranks train but do not track or write
         train(config, paths)

@@ -183,8 +183,11 @@ def test_real_params_active_profile_is_defined() -> None:
 
 @pytest.mark.parametrize("stage", sorted(_dvc_stages()))
 def test_dvc_stage_depends_on_exactly_the_params_sections_it_reads(stage: str) -> None:
-    """A stage reads `profile`, `profiles` and its own section: DVC must re-run it when (and only when) they change."""
+    """A stage reads `profile`, its own section and its own override in every profile: DVC must re-run it when
+    (and only when) one of those changes, not when another stage's override does."""
     spec = _dvc_stages()[stage]
-    assert sorted(spec["params"]) == sorted(["profile", "profiles", stage])
+    overrides = [f"profiles.{profile}.{stage}" for profile in _profiles() if profile != "default"]
+    assert sorted(spec["params"]) == sorted(["profile", stage, *overrides])
+    assert all(stage in section for section in _real_params()["profiles"].values())
     assert f"python -m components.{stage} " in spec["cmd"]
     assert "--params params.yaml" in spec["cmd"]
