@@ -51,8 +51,7 @@ def configure_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store.db.utils", "great_expectations",
-                  "great_expectations.data_context.types.base", "faiss.loader"):
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store.db.utils", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Libraries' advice meant for their developers, not for users of a pipeline (filtered by message, not blanket).
     warnings.filterwarnings("ignore", message=".*`resume_download` is deprecated.*")

@@ -68,8 +68,16 @@ def _report(suite_name: str, source: str, results: list) -> str:
 
 def validate_pairs(frame: pd.DataFrame, *, suite_name: str, source: str, limits: TextLimits | None = None) -> int:
     """Validate `frame`; with `limits` it is checked as curated output. Returns the number of expectations."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    # GX sets its own loggers to INFO on import and reports its internals there (registries, temporary docs
+    # dirs): quiet during the import, then WARNING for its loggers.
+    logging.disable(logging.INFO)
+    try:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+    finally:
+        logging.disable(logging.NOTSET)
+    for name in [name for name in logging.root.manager.loggerDict if name.startswith("great_expectations")]:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     with warnings.catch_warnings():
         # GX warns about its own analytics and deprecated internals; nothing a user of embedforge can act on.
