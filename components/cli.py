@@ -22,13 +22,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from components.artifacts import ArtifactError
-from components.config import PARAMS_FILE, ConfigError, ConfigT, load_stage_config
+from components.config import PARAMS_FILE, ConfigError, ConfigT, load_stage_config, parse_overrides
 from components.data import DataError
 from components.validation import ValidationFailed
 
 log = logging.getLogger("embedforge")
 
-STAGES = ("curate", "mine", "train", "distill", "evaluate")
+STAGES = ("curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register")
 EXPECTED_ERRORS = (ConfigError, DataError, ArtifactError, ValidationFailed, FileNotFoundError)
 
 
@@ -40,6 +40,8 @@ def stage_parser(stage: str, description: str | None) -> argparse.ArgumentParser
     )
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file with one section per stage")
     parser.add_argument("--profile", default=None, help="params profile to apply (default: the file's `profile` key)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help=f"override one `{stage}` param after the profile (value as YAML; repeatable)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -65,7 +67,7 @@ def parse_stage_args(
     """Parse argv, configure logging, and validate the stage's config before any work starts."""
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    return args, load_stage_config(model, stage, args.params, args.profile)
+    return args, load_stage_config(model, stage, args.params, args.profile, parse_overrides(args.overrides))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -83,12 +83,27 @@ def build_config(model: type[ConfigT], section: dict[str, Any], where: str) -> C
         raise ConfigError(f"invalid parameters in {where}:\n" + "\n".join(problems)) from None
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings (values read as YAML: `eps=0.1`, `layers=[0, 3]`, `dims=null`) into a mapping."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set eps=0.1")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from exc
+    return overrides
+
+
 def load_stage_config(
-    model: type[ConfigT], stage: str, params_path: Path = PARAMS_FILE, profile: str | None = None
+    model: type[ConfigT], stage: str, params_path: Path = PARAMS_FILE, profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> ConfigT:
-    """Read, resolve and validate one stage's config from a params file."""
+    """Read, resolve and validate one stage's config from a params file, with `overrides` applied last."""
     params = load_params(params_path)
-    section = resolve_stage_params(params, stage, profile)
+    section = {**resolve_stage_params(params, stage, profile), **(overrides or {})}
     return build_config(model, section, where=f"{params_path}:{stage}")
 
 

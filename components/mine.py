@@ -43,7 +43,7 @@ class MineConfig(StageConfig):
     max_score_ratio: float = Field(0.95, gt=0.0, le=1.0)
     duplicate_threshold: float = Field(0.95, gt=0.0, le=1.0)
     query_batch_size: int = Field(128, ge=1)
-    query_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    query_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_queries: int | None = Field(None, ge=1)
     seed: int = 42
 

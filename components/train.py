@@ -54,7 +54,7 @@ class TrainConfig(StageConfig):
     eval_steps: int = Field(50, ge=1)
     dev_queries: int = Field(500, ge=10)
     dev_corpus: int = Field(2000, ge=10)
-    cpu_bf16: bool = True
+    cpu_bf16: bool | Literal["auto"] = "auto"
     seed: int = 42
 
 
@@ -73,14 +73,16 @@ class TrainResult:
     data_fingerprint: str
 
 
-def device_settings(cpu_bf16: bool) -> dict[str, object]:
-    """bf16 on CUDA where supported; on CPU bf16 autocast only when asked (it roughly halves step time on CPUs
-    with AVX512-BF16, as measured here, and slows CPUs without it)."""
+def device_settings(cpu_bf16: bool | Literal["auto"]) -> dict[str, object]:
+    """bf16 on CUDA where supported. On CPU, bf16 autocast roughly halves step time where bf16 is native
+    (AVX512-BF16/AMX, as measured) and is many times slower where it is emulated: `auto` decides by the CPU."""
     import torch
+
+    from components.embed import cpu_has_native_bf16
 
     if torch.cuda.is_available():
         return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False}
-    return {"bf16": cpu_bf16, "use_cpu": True}
+    return {"bf16": cpu_has_native_bf16() if cpu_bf16 == "auto" else cpu_bf16, "use_cpu": True}
 
 
 def build_loss(config: TrainConfig, model: SentenceTransformer) -> object:
@@ -145,7 +147,7 @@ class Schedule(Protocol):
     learning_rate: float
     warmup_ratio: float
     eval_steps: int
-    cpu_bf16: bool
+    cpu_bf16: bool | Literal["auto"]
     seed: int
 
 

@@ -161,3 +161,36 @@ def training_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
             tmp, meta):
         mined.to_parquet(tmp / "pairs.parquet", index=False)
     return curated, mined_dir
+
+
+@pytest.fixture(scope="session")
+def retrieval_stack(tmp_path_factory: pytest.TempPathFactory, training_inputs: tuple[Path, Path],
+                    tiny_model_dir: Path) -> dict[str, Path]:
+    """quantize -> index run for real on a tiny model: a BEIR test set from the curated dev split (48 queries,
+    96 documents), int8 calibrated on the train split, every index type at dims 32/16/8."""
+    import pandas as pd
+
+    from components import artifacts
+    from components.data import BeirDataset, write_beir
+    from components.index import IndexConfig, build_indexes
+    from components.quantize import QuantizeConfig, QuantizePaths, quantize
+
+    root = tmp_path_factory.mktemp("retrieval-stack")
+    curated, _ = training_inputs
+    pairs = pd.read_parquet(curated / "pairs.parquet")
+    dev = pairs[pairs["split"] == "dev"]
+    distractors = pairs[pairs["split"] == "train"].head(48)
+    dataset = BeirDataset(
+        corpus={**dict(zip(dev["id"], dev["positive"])), **dict(zip(distractors["id"], distractors["positive"]))},
+        queries=dict(zip(dev["id"], dev["query"])),
+        qrels={pair_id: {pair_id: 1} for pair_id in dev["id"]},
+    )
+    beir = root / "beir"
+    with artifacts.publish(beir, kind="beir", schema_version=1, stage="curate", params_digest="t") as (tmp, meta):
+        write_beir(tmp, dataset)
+    quantized = root / "quantized"
+    quantize(QuantizeConfig(models={"student": str(tiny_model_dir)}, dims=[32, 16, 8], calibration_texts=100,
+                            batch_size=16), QuantizePaths(beir=beir, curated=curated, output=quantized))
+    index = root / "index"
+    build_indexes(IndexConfig(hnsw_m=8, hnsw_ef_construction=32), quantized, index)
+    return {"beir": beir, "curated": curated, "quantized": quantized, "index": index, "student": tiny_model_dir}

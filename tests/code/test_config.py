@@ -15,6 +15,7 @@ from components.config import (
     build_config,
     load_params,
     load_stage_config,
+    parse_overrides,
     params_digest,
     resolve_stage_params,
 )
@@ -145,6 +146,21 @@ def test_load_stage_config_names_the_file_and_stage_in_errors(tmp_path: Path) ->
     path.write_text("curate:\n  eps: 0\n")
     with pytest.raises(ConfigError, match=re.escape(f"{path}:curate.eps")):
         load_stage_config(CurateConfig, "curate", path)
+
+
+def test_overrides_apply_after_the_profile_and_are_validated(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("curate: {eps: 0.05, n_clusters: 10}\nprofiles: {smoke: {curate: {eps: 0.2}}}\n")
+    config = load_stage_config(CurateConfig, "curate", path, "smoke", parse_overrides(["eps=0.1", "max_pairs=null"]))
+    assert (config.eps, config.n_clusters, config.max_pairs) == (0.1, 10, None)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:curate.eps")):
+        load_stage_config(CurateConfig, "curate", path, None, parse_overrides(["eps=-1"]))
+
+
+@pytest.mark.parametrize("item", ["eps", "=3", "layers=[0, 1"])
+def test_malformed_overrides_are_refused_naming_the_item(item: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"--set {item!r}")):
+        parse_overrides([item])
 
 
 # --- the real params.yaml and dvc.yaml (read only) ---

@@ -1,4 +1,5 @@
-"""evaluate: trec metrics on hand-computed toy runs, exact search, the stage with a tiny model, and its CLI."""
+"""evaluate: trec metrics on hand-computed toy runs, exact search, the grid over real indexes, the operating point
+and Pareto front, the quick mode and the CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ import pytest
 from components import artifacts
 from components.cli import main as cli_main
 from components.data import BeirDataset, write_beir
-from components.evaluate import EvaluateConfig, evaluate, exact_search, retrieval_metrics, truncate
+from components.embed import truncate
+from components.evaluate import (
+    EvaluateConfig,
+    GridRow,
+    choose_operating_point,
+    evaluate_grid,
+    evaluate_models,
+    exact_search,
+    pareto_front,
+    retrieval_metrics,
+)
 
 QRELS = {"q1": {"d1": 1}, "q2": {"d2": 1}}
 
@@ -92,27 +103,81 @@ def self_retrieval_beir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_evaluate_scores_every_model_with_namespaced_metrics(self_retrieval_beir: Path, tiny_model_dir: Path) -> None:
-    config = EvaluateConfig(models={"tiny": str(tiny_model_dir)}, batch_size=4, max_seq_length=64, top_k=10,
-                            dims=[384, 32, 16])
-    result = evaluate(config, self_retrieval_beir)
+def test_quick_mode_scores_every_model_at_every_dim_it_has(self_retrieval_beir: Path, tiny_model_dir: Path) -> None:
+    metrics = evaluate_models({"tiny": str(tiny_model_dir)}, self_retrieval_beir, EvaluateConfig(top_k=10),
+                              dims=[384, 32, 16])
     quality = {f"tiny/d{dim}/{name}" for dim in (32, 16) for name in ("ndcg@10", "mrr@10", "recall@100")}
-    assert set(result.metrics) == quality | {"tiny/encode_docs_per_s", "tiny/encode_queries_per_s", "tiny/dim",
-                                             "tiny/layers", "queries", "documents", "seconds"}
-    for key in quality:
-        assert 0.0 <= result.metrics[key] <= 1.0
-    assert result.metrics["tiny/d32/ndcg@10"] == pytest.approx(1.0)  # exact-text queries find their passage first
-    assert (result.metrics["queries"], result.metrics["documents"], result.metrics["tiny/dim"]) == (5, 8, 32)
-    assert result.data_fingerprint == artifacts.read_manifest(self_retrieval_beir, kind="beir",
-                                                              schema_version=1).fingerprint
-    assert "| tiny | 2 | 32 | 1.0000 | 1.0000 | 1.0000 |" in result.table
-    assert "| tiny | 2 | 16 |" in result.table
+    assert set(metrics) == quality | {"tiny/encode_docs_per_s"}
+    assert metrics["tiny/d32/ndcg@10"] == pytest.approx(1.0)  # exact-text queries find their passage first
 
 
-def test_evaluate_refuses_a_modified_managed_beir_dir_before_loading_any_model(self_retrieval_beir: Path) -> None:
-    (self_retrieval_beir / "queries.jsonl").write_text('{"_id": "q0", "text": "tampered"}\n')
+def row(model: str = "student", dim: int = 32, index: str = "float_flat", ndcg: float = 0.5, bytes_: float = 128,
+        p99: float = 1.0, rescored: bool = False) -> GridRow:
+    return GridRow(model=model, dim=dim, index=index, precision="float32", rescored=rescored, ndcg_at_10=ndcg,
+                   mrr_at_10=ndcg, recall_at_100=1.0, p50_ms=p99 / 2, p99_ms=p99, bytes_per_vector=bytes_, build_s=0.1)
+
+
+def test_pareto_front_keeps_only_rows_nothing_beats_on_both_bytes_and_quality() -> None:
+    cheap, mid, dominated, rich = row(ndcg=0.6, bytes_=4), row(ndcg=0.7, bytes_=16), row(ndcg=0.65, bytes_=32), \
+        row(ndcg=0.8, bytes_=128)
+    assert pareto_front([rich, dominated, mid, cheap]) == [cheap, mid, rich]
+
+
+def test_operating_point_is_the_best_served_row_within_the_budgets() -> None:
+    rows = [row(ndcg=0.9, bytes_=1536), row(ndcg=0.85, bytes_=48, index="binary_flat", rescored=True),
+            row(ndcg=0.8, bytes_=48, index="binary_flat"), row(ndcg=0.86, bytes_=64, p99=50),
+            row(model="teacher", ndcg=0.95, bytes_=48)]
+    chosen, reason = choose_operating_point(rows, EvaluateConfig(max_bytes_per_vector=64, max_p99_ms=10))
+    assert chosen == rows[1] and "2 of 4" in reason
+    chosen, reason = choose_operating_point(rows, EvaluateConfig(max_bytes_per_vector=1))
+    assert chosen is None and "no configuration of 'student' meets the budget" in reason
+
+
+@pytest.mark.slow
+def test_the_grid_scores_every_index_and_rescored_binary_of_every_dim(retrieval_stack: dict[str, Path]) -> None:
+    config = EvaluateConfig(top_k=10, latency_queries=10, max_bytes_per_vector=None, max_p99_ms=None)
+    result = evaluate_grid(config, retrieval_stack["beir"], retrieval_stack["quantized"], retrieval_stack["index"])
+    configs = {"float_flat", "float_hnsw", "int8_flat", "binary_flat", "binary_hnsw", "binary_flat_rescore",
+               "binary_hnsw_rescore"}
+    assert {(r.dim, r.config) for r in result.grid} == {(dim, c) for dim in (32, 16, 8) for c in configs}
+    for grid_row in result.grid:
+        assert 0.0 <= grid_row.ndcg_at_10 <= 1.0 and 0 < grid_row.p50_ms <= grid_row.p99_ms
+        assert result.metrics[f"{grid_row.key}/ndcg@10"] == grid_row.ndcg_at_10
+    by_key = {r.key: r for r in result.grid}
+    assert by_key["student/d32/float_hnsw"].ndcg_at_10 == pytest.approx(by_key["student/d32/float_flat"].ndcg_at_10)
+    assert by_key["student/d32/binary_flat"].bytes_per_vector < by_key["student/d32/float_flat"].bytes_per_vector / 8
+    assert result.chosen == max(result.grid, key=lambda r: (r.ndcg_at_10, -r.bytes_per_vector, -r.p99_ms))
+    assert result.pareto[-1].ndcg_at_10 == max(r.ndcg_at_10 for r in result.grid)
+    assert result.metrics["operating_point/ndcg@10"] == result.chosen.ndcg_at_10
+    assert (result.metrics["queries"], result.metrics["documents"]) == (48, 96)
+
+
+def test_a_modified_beir_dir_is_refused_before_any_model_is_loaded(retrieval_stack: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    beir = tmp_path / "beir"
+    shutil.copytree(retrieval_stack["beir"], beir)
+    (beir / "queries.jsonl").write_text('{"_id": "q0", "text": "tampered"}\n')
     with pytest.raises(artifacts.ArtifactError, match=r"content does not match its manifest.*queries\.jsonl"):
-        evaluate(EvaluateConfig(models={"never": "/nonexistent/model"}), self_retrieval_beir)
+        evaluate_grid(EvaluateConfig(), beir, retrieval_stack["quantized"], retrieval_stack["index"])
+
+
+def test_an_index_built_from_another_quantize_artifact_is_refused(retrieval_stack: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "quantized"
+    shutil.copytree(retrieval_stack["quantized"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "doc_ids.json").write_text(json.dumps(list(reversed(json.loads((other / "doc_ids.json").read_text())))))
+    from components.artifacts import _content_hashes, _fingerprint
+
+    manifest["files"] = _content_hashes(other)
+    manifest["fingerprint"] = _fingerprint(manifest["files"])
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(artifacts.ArtifactError, match=r"built from another quantize artifact.*re-run the index stage"):
+        evaluate_grid(EvaluateConfig(), retrieval_stack["beir"], other, retrieval_stack["index"])
 
 
 def test_truncated_embeddings_are_renormalised_prefixes() -> None:
@@ -131,19 +196,27 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_cli_evaluates_a_model_dir_and_writes_metrics_report_and_plot(
-    tmp_path: Path, self_retrieval_beir: Path, tiny_model_dir: Path
-) -> None:
+def test_cli_writes_metrics_report_plots_and_the_evaluation_artifact(tmp_path: Path,
+                                                                      retrieval_stack: dict[str, Path]) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("evaluate: {top_k: 10, latency_queries: 10, max_bytes_per_vector: 8}\n")
     out = tmp_path / "results"
-    done = _run_cli(["--model", f"tiny={tiny_model_dir}", "--beir", str(self_retrieval_beir), "--no-tracking",
-                     "--metrics", str(out / "m.json"), "--report", str(out / "r.md"), "--plot", str(out / "p.csv")],
-                    cwd=tmp_path)
+    done = _run_cli(["--params", str(params), "--beir", str(retrieval_stack["beir"]), "--quantized",
+                     str(retrieval_stack["quantized"]), "--index", str(retrieval_stack["index"]), "--output",
+                     str(out / "evaluation"), "--no-tracking", "--metrics", str(out / "m.json"), "--report",
+                     str(out / "report" / "evaluation.md"), "--plots", str(out / "plots")], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "m.json").read_text())
-    assert metrics["tiny/d32/ndcg@10"] == pytest.approx(1.0)
-    assert (out / "r.md").read_text().startswith(f"# Evaluation on `{self_retrieval_beir}`")
-    assert (out / "p.csv").read_text() == "dim,tiny\n32,1.0000\n"
-    assert "| tiny | 2 | 32 |" in done.stdout
+    assert metrics["operating_point/bytes_per_vector"] <= 8
+    point = json.loads((out / "evaluation" / "operating_point.json").read_text())
+    assert point["chosen"]["ndcg_at_10"] == metrics["operating_point/ndcg@10"]
+    assert artifacts.read_manifest(out / "evaluation", kind="evaluation", schema_version=1).counts["rows"] == 21
+    report = (out / "report" / "evaluation.md").read_text()
+    assert "## Operating point" in report and "## Whole grid" in report and "![ndcg_vs_bytes](ndcg_vs_bytes.png)" in report
+    assert (out / "report" / "ndcg_vs_bytes.png").stat().st_size > 0
+    assert (out / "plots" / "ndcg_vs_dim_by_precision.csv").read_text().startswith(
+        "dim,float_flat,int8_flat,binary_flat,binary_flat_rescore\n8,")
+    assert "operating point: student/d" in done.stdout
     assert not (tmp_path / "mlflow.db").exists()  # --no-tracking
 
 
@@ -152,17 +225,16 @@ def test_cli_on_a_bad_beir_dir_exits_2_with_a_one_line_error_naming_the_file(tmp
     write_beir(beir, BeirDataset(corpus={"d1": TEXTS[0]}, queries={"q1": "mail"}, qrels={"q1": {"d1": 1}}))
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td404\t1\n")
     done = _run_cli(["--model", "tiny=/nonexistent", "--beir", str(beir), "--no-tracking",
-                     "--metrics", str(tmp_path / "m.json"), "--report", str(tmp_path / "r.md"),
-                     "--plot", str(tmp_path / "p.csv")], cwd=tmp_path)
+                     "--metrics", str(tmp_path / "m.json")], cwd=tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1
     assert f"{beir / 'qrels' / 'test.tsv'}:2: corpus id 'd404' is not in corpus.jsonl" in errors[0]
-    assert not any((tmp_path / name).exists() for name in ("m.json", "r.md", "p.csv"))
+    assert not (tmp_path / "m.json").exists()
 
 
 @pytest.mark.parametrize(("argv", "code"), [(["nope"], 2), ([], 2), (["--help"], 0)])
 def test_embedforge_dispatcher_refuses_unknown_stages(argv: list[str], code: int, capsys) -> None:
     assert cli_main(argv) == code
-    assert "usage: embedforge {curate,mine,train,distill,evaluate}" in capsys.readouterr().err
+    assert "usage: embedforge {curate,mine,train,distill,quantize,index,evaluate,register}" in capsys.readouterr().err

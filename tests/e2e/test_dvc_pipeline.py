@@ -1,7 +1,8 @@
 """End to end: `dvc repro` of the smoke profile (every stage) in a temporary copy of the repository.
 
 Specifies what a user gets from the embedded default: every artifact published with a manifest, metrics and
-plots written, one MLflow parent run with a nested run per stage, and a second `dvc repro` that re-runs nothing.
+plots written, one MLflow parent run with a nested run per stage, the student registered as champion, a second
+`dvc repro` that re-runs nothing, and a third, with a deliberately worse student, that must not take the champion.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,25 +20,10 @@ import yaml
 
 from components.artifacts import read_manifest
 from components.data import read_beir
+from tests.e2e.project import SMOKE_RESULTS, tracked_copy, use_profile
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _tracked_copy(destination: Path) -> Path:
-    """Copy the files git tracks (as a fresh clone would have them) and make the copy its own git repo."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            check=True, capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        source = REPO / name
-        if source.is_file():
-            target = destination / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "copy"]):
-        subprocess.run(command, cwd=destination, check=True)
-    return destination
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -50,16 +37,19 @@ def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = _tracked_copy(tmp_path_factory.mktemp("smoke"))
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["profile"] = "smoke"
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    project = tracked_copy(tmp_path_factory.mktemp("smoke"))
+    use_profile(project, "smoke")
+    started = time.perf_counter()
     result = _dvc(project, "repro")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    print(f"dvc repro, smoke profile: {time.perf_counter() - started:.0f}s")
+    shutil.copytree(project / "metrics", SMOKE_RESULTS / "dvc-metrics", dirs_exist_ok=True)
+    for name in ("data/curated", "data/mined", "models/teacher", "models/student"):
+        shutil.copy2(project / name / "manifest.json", SMOKE_RESULTS / "dvc-manifests" / name.replace("/", "_"))
     return project
 
 
-STAGES = {"curate", "mine", "train", "distill", "evaluate"}
+STAGES = {"curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register"}
 
 
 def test_smoke_repro_publishes_every_artifact_with_a_manifest(smoke_project: Path) -> None:
@@ -75,6 +65,13 @@ def test_smoke_repro_publishes_every_artifact_with_a_manifest(smoke_project: Pat
     assert teacher.counts == {"layers": 6, "dim": 384}
     assert student.counts == {"layers": 3, "dim": 384}
     assert student.inputs["teacher"] == teacher.fingerprint
+    quantized = read_manifest(smoke_project / "data/quantized", kind="quantized_embeddings", schema_version=1)
+    assert quantized.inputs["model:student"] == student.fingerprint
+    assert quantized.extra["models"]["student"]["dims"] == [384, 64]
+    indexes = read_manifest(smoke_project / "data/index", kind="faiss_indexes", schema_version=1)
+    assert indexes.counts["indexes"] == 3 * 2 * 5  # models x dims x index types
+    evaluation = read_manifest(smoke_project / "data/evaluation", kind="evaluation", schema_version=1)
+    assert evaluation.inputs["beir"] == beir.fingerprint
     dataset = read_beir(smoke_project / "data/beir/debian-test")
     assert set(dataset.qrels) == set(dataset.queries)
 
@@ -85,16 +82,23 @@ def test_smoke_repro_writes_metrics_plots_and_report(smoke_project: Path) -> Non
     evaluate = json.loads((smoke_project / "metrics/evaluate.json").read_text())
     for model in ("base", "teacher", "student"):
         for dim in (384, 64):
-            assert 0.0 < evaluate[f"{model}/d{dim}/ndcg@10"] <= 1.0
+            for config in ("float_flat", "float_hnsw", "int8_flat", "binary_flat", "binary_hnsw",
+                           "binary_flat_rescore", "binary_hnsw_rescore"):
+                assert 0.0 < evaluate[f"{model}/d{dim}/{config}/ndcg@10"] <= 1.0
     assert evaluate["queries"] == curate["rows_test"]
+    assert evaluate["operating_point/bytes_per_vector"] <= 64
     train = json.loads((smoke_project / "metrics/train.json").read_text())
     assert train["loss_end"] < train["loss_start"]
     assert (smoke_project / "plots/curate_drops.csv").read_text().startswith("reason,count")
-    assert (smoke_project / "plots/ndcg_vs_dim.csv").read_text().splitlines()[0] == "dim,base,teacher,student"
+    header = (smoke_project / "plots/ndcg_vs_dim.csv").read_text().splitlines()[0]
+    assert set(header.split(",")) == {"dim", "base", "teacher", "student"}
     assert (smoke_project / "plots/mine_scores.png").stat().st_size > 0
-    assert "| student | 3 | 64 |" in (smoke_project / "reports/evaluation.md").read_text()
-    shown = _dvc(smoke_project, "metrics", "show")
-    assert "student/d64/ndcg@10" in shown.stdout
+    assert (smoke_project / "plots/ndcg_vs_bytes.csv").read_text().startswith("config,model,bytes_per_vector,ndcg@10")
+    report = (smoke_project / "reports/evaluation.md").read_text()
+    assert "| student | 64 | binary_flat_rescore |" in report and "## Pareto front" in report
+    assert (smoke_project / "reports/ndcg_vs_bytes.png").stat().st_size > 0
+    shown = _dvc(smoke_project, "metrics", "show", "--json")
+    assert "student/d64/int8_flat/ndcg@10" in shown.stdout
 
 
 def test_smoke_repro_tracks_one_parent_run_with_a_nested_run_per_stage(smoke_project: Path) -> None:
@@ -109,7 +113,10 @@ def test_smoke_repro_tracks_one_parent_run_with_a_nested_run_per_stage(smoke_pro
     children = {run.data.tags["embedforge.stage"]: run for run in runs
                 if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == STAGES
-    assert children["evaluate"].data.metrics["student/d384/ndcg_at_10"] > 0
+    assert children["evaluate"].data.metrics["student/d384/float_flat/ndcg_at_10"] > 0
+    assert children["register"].data.metrics["gate/promoted"] == 1.0
+    assert "evaluation.md" in {item.path for item in client.list_artifacts(children["evaluate"].info.run_id)}
+    assert str(client.get_model_version_by_alias("embedforge-student", "champion").version) == "1"
     assert children["curate"].data.params["eps"] == "0.05"
     assert parent.data.tags["embedforge.snapshot_sha256"] == children["curate"].data.tags["embedforge.data_fingerprint"]
     assert len(parent.data.tags["embedforge.git_commit"]) == 40
@@ -123,3 +130,20 @@ def test_second_repro_reruns_nothing(smoke_project: Path) -> None:
     assert "Running stage" not in result.stdout
     status = _dvc(smoke_project, "status")
     assert "up to date" in status.stdout
+
+
+def test_a_repro_with_a_worse_student_does_not_take_the_champion(smoke_project: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    params = yaml.safe_load((smoke_project / "params.yaml").read_text())
+    params["profiles"]["smoke"]["distill"] |= {"layers": [0], "learning_rate": 1e-9}  # one barely trained layer
+    (smoke_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = _dvc(smoke_project, "repro")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "Running stage 'train'" not in result.stdout and "Running stage 'register'" in result.stdout
+    gate = json.loads((smoke_project / "metrics/register.json").read_text())
+    assert gate["gate/candidate_ndcg@10"] < gate["gate/champion_ndcg@10"]  # the premise: this student is worse
+    assert gate["gate/promoted"] == 0.0
+    client = MlflowClient(f"sqlite:///{smoke_project / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("embedforge-student", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("embedforge-student", "candidate").version) == "2"

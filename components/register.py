@@ -1,0 +1,170 @@
+"""register: the promotion gate. The student goes to the MLflow model registry; it becomes `champion` only if it earns it.
+
+The candidate's score is its nDCG@10 at the operating point chosen by evaluate. It passes when it clears the
+absolute floor and, if a champion exists and was scored on the same test set, reaches the champion's score
+plus `min_gain_over_champion`. Every run registers a new version (sentence-transformers flavour) with its int8
+calibration, operating point and the gate's decision as artifacts; the `champion` alias moves only on a pass,
+`candidate` marks a version that did not pass. The decision and its reasons go to the run's metrics and log.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pydantic import Field
+
+from components import artifacts
+from components.config import ConfigError, StageConfig
+from components.evaluate import EVALUATION_KIND, EVALUATION_SCHEMA
+from components.quantize import CALIBRATION_FILE, load_quantized, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+STAGE = "register"
+CHAMPION, CANDIDATE = "champion", "candidate"
+SCORE_TAG, TEST_SET_TAG = "embedforge.ndcg_at_10", "embedforge.test_fingerprint"
+
+
+class RegisterConfig(StageConfig):
+    model_name: str = Field("embedforge-student", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    min_ndcg_at_10: float = Field(0.5, ge=0, le=1)  # absolute floor at the operating point
+    min_gain_over_champion: float = Field(0.0, ge=-1, le=1)  # needed over the champion on the same test set
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    ndcg_at_10: float
+    test_fingerprint: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reasons: list[str]
+    candidate_ndcg_at_10: float | None
+    champion: Champion | None
+
+
+def decide(candidate_ndcg: float | None, test_fingerprint: str, champion: Champion | None,
+           config: RegisterConfig) -> Decision:
+    """The gate itself: pure, so that every rule is tested without a registry."""
+    if candidate_ndcg is None:
+        return Decision(False, ["no operating point within the evaluate budgets"], None, champion)
+    floor_ok = candidate_ndcg >= config.min_ndcg_at_10
+    reasons = [f"nDCG@10 {candidate_ndcg:.4f} {'>=' if floor_ok else '<'} floor {config.min_ndcg_at_10:.4f}"]
+    beats_champion = True
+    if champion is None:
+        reasons.append("no champion yet")
+    elif champion.test_fingerprint != test_fingerprint:
+        reasons.append(f"champion v{champion.version} was scored on another test set: only the floor applies")
+    else:
+        needed = champion.ndcg_at_10 + config.min_gain_over_champion
+        beats_champion = candidate_ndcg >= needed
+        reasons.append(f"nDCG@10 {candidate_ndcg:.4f} {'>=' if beats_champion else '<'} champion v{champion.version} "
+                       f"{champion.ndcg_at_10:.4f} + {config.min_gain_over_champion:.4f}")
+    return Decision(floor_ok and beats_champion, reasons, candidate_ndcg, champion)
+
+
+def current_champion(client: object, name: str) -> Champion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no such model or no such alias yet
+        return None
+    return Champion(version=str(version.version), ndcg_at_10=float(version.tags.get(SCORE_TAG, "nan")),
+                    test_fingerprint=version.tags.get(TEST_SET_TAG, ""))
+
+
+@dataclass(frozen=True)
+class RegisterPaths:
+    student: Path
+    quantized: Path
+    evaluation: Path
+
+
+def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, dict[str, float]]:
+    """Check the artifacts belong together, apply the gate, register the version and move its alias."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from components.embed import load_model
+
+    if mlflow.active_run() is None:
+        raise ConfigError("register needs MLflow tracking (its model registry); run it without --no-tracking")
+    evaluation = artifacts.read_manifest(paths.evaluation, kind=EVALUATION_KIND, schema_version=EVALUATION_SCHEMA)
+    point = json.loads((paths.evaluation / "operating_point.json").read_text())
+    quantized = load_quantized(paths.quantized)
+    served = point["serve_model"]
+    student_fingerprint = model_fingerprint(str(paths.student))
+    if quantized.manifest.inputs.get(f"model:{served}") != student_fingerprint:
+        raise artifacts.ArtifactError(f"{paths.quantized}: model {served!r} there is not the model at {paths.student}; "
+                                      f"re-run quantize, index and evaluate (`dvc repro`) before registering")
+    calibration = paths.quantized / served / CALIBRATION_FILE
+    if not calibration.is_file():
+        raise artifacts.ArtifactError(f"{calibration}: int8 calibration of {served!r} is missing; re-run quantize")
+
+    client = MlflowClient()
+    champion = current_champion(client, config.model_name)
+    chosen = point["chosen"]
+    decision = decide(chosen["ndcg_at_10"] if chosen else None, evaluation.inputs["beir"], champion, config)
+    model = load_model(str(paths.student))
+    info = mlflow.sentence_transformers.log_model(
+        model, name="student", registered_model_name=config.model_name,
+        pip_requirements=[f"{package}=={importlib.metadata.version(package)}"
+                          for package in ("sentence-transformers", "transformers", "torch")],
+        metadata={"operating_point": chosen, "student_fingerprint": student_fingerprint})
+    version = str(info.registered_model_version)
+    mlflow.log_artifact(str(calibration), artifact_path="serving")
+    mlflow.log_artifact(str(paths.evaluation / "operating_point.json"), artifact_path="serving")
+    mlflow.log_dict(asdict(decision), "serving/gate_decision.json")
+    tags = {TEST_SET_TAG: evaluation.inputs["beir"], "embedforge.gate": "passed" if decision.promote else "refused",
+            "embedforge.gate_reasons": "; ".join(decision.reasons)}
+    if chosen:
+        tags |= {SCORE_TAG: f"{chosen['ndcg_at_10']:.6f}",
+                 "embedforge.operating_point": f"d{chosen['dim']}/{chosen['index']}{'_rescore' if chosen['rescored'] else ''}"}
+    for key, value in tags.items():
+        client.set_model_version_tag(config.model_name, version, key, value)
+    client.set_registered_model_alias(config.model_name, CHAMPION if decision.promote else CANDIDATE, version)
+    log.info("gate %s: %s v%s is %s (%s)", "passed" if decision.promote else "refused", config.model_name, version,
+             CHAMPION if decision.promote else CANDIDATE, "; ".join(decision.reasons))
+    metrics = {"gate/promoted": float(decision.promote), "registered_version": float(version)}
+    if decision.candidate_ndcg_at_10 is not None:
+        metrics["gate/candidate_ndcg@10"] = decision.candidate_ndcg_at_10
+    if champion is not None:
+        metrics["gate/champion_ndcg@10"] = champion.ndcg_at_10
+    return decision, metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: `python -m components.register` / `embedforge register`."""
+    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser
+
+    parser = stage_parser(STAGE, __doc__.splitlines()[0])
+    parser.add_argument("--student", type=Path, default=Path("models/student"), help="student model artifact")
+    parser.add_argument("--quantized", type=Path, default=Path("data/quantized"), help="quantize artifact (calibration)")
+    parser.add_argument("--evaluation", type=Path, default=Path("data/evaluation"), help="evaluation artifact")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/register.json"), help="metrics JSON for DVC")
+    args, config = parse_stage_args(parser, argv, RegisterConfig, STAGE)
+    paths = RegisterPaths(student=args.student, quantized=args.quantized, evaluation=args.evaluation)
+
+    def work() -> StageOutcome:
+        decision, metrics = register(config, paths)
+        fingerprint = artifacts.read_manifest(paths.evaluation, kind=EVALUATION_KIND,
+                                              schema_version=EVALUATION_SCHEMA, verify=False).inputs["beir"]
+        return StageOutcome(metrics=metrics, data_fingerprint=fingerprint, json_artifacts={"gate.json": asdict(decision)})
+
+    run_stage(STAGE, args, config, work, args.metrics)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from components.cli import guarded
+
+    sys.exit(guarded(main)())

@@ -1,0 +1,111 @@
+"""register: the gate's rules, and a real MLflow registry where a worse student never takes the champion alias."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components import artifacts
+from components.register import Champion, RegisterConfig, decide
+
+PROJECT = Path(__file__).resolve().parents[2]
+SAME, OTHER = "test-set-a", "test-set-b"
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "config", "promote", "reason"),
+    [
+        pytest.param(None, None, {}, False, "no operating point within the evaluate budgets", id="no-operating-point"),
+        pytest.param(0.40, None, {}, False, "nDCG@10 0.4000 < floor 0.5000", id="below-the-floor"),
+        pytest.param(0.70, None, {}, True, "no champion yet", id="first-model-above-the-floor"),
+        pytest.param(0.69, Champion("3", 0.70, SAME), {}, False, "0.6900 < champion v3 0.7000", id="worse-than-champion"),
+        pytest.param(0.70, Champion("3", 0.70, SAME), {}, True, "0.7000 >= champion v3 0.7000", id="ties-the-champion"),
+        pytest.param(0.705, Champion("3", 0.70, SAME), {"min_gain_over_champion": 0.01}, False,
+                     "0.7050 < champion v3 0.7000 + 0.0100", id="gain-too-small"),
+        pytest.param(0.60, Champion("3", 0.90, OTHER), {}, True, "scored on another test set: only the floor applies",
+                     id="champion-on-another-test-set"),
+        pytest.param(0.45, Champion("3", 0.40, OTHER), {}, False, "< floor", id="floor-still-applies"),
+    ],
+)
+def test_the_gate_promotes_only_a_model_that_earns_it(candidate: float | None, champion: Champion | None,
+                                                      config: dict, promote: bool, reason: str) -> None:
+    decision = decide(candidate, SAME, champion, RegisterConfig(**config))
+    assert decision.promote is promote
+    assert any(reason in line for line in decision.reasons), decision.reasons
+
+
+def _register(stack: dict[str, Path], evaluation: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    (cwd / "params.yaml").write_text("register: {model_name: test-student, min_ndcg_at_10: 0.0}\n")
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
+                        "PYTHONPATH": str(PROJECT), "EMBEDFORGE_PIPELINE_RUN": evaluation.name}
+    return subprocess.run([sys.executable, "-m", "components.register", "--student", str(stack["student"]),
+                           "--quantized", str(stack["quantized"]), "--evaluation", str(evaluation),
+                           "--metrics", str(cwd / f"{evaluation.name}.json"), *extra],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _evaluation(stack: dict[str, Path], target: Path, ndcg: float) -> Path:
+    """An evaluation artifact whose operating point scores `ndcg` (the gate reads nothing else from it)."""
+    point = {"chosen": {"model": "student", "dim": 32, "index": "binary_flat", "precision": "binary", "rescored": True,
+                        "ndcg_at_10": ndcg}, "reason": "test", "serve_model": "student"}
+    beir = artifacts.read_manifest(stack["beir"], kind="beir", schema_version=1).fingerprint
+    with artifacts.publish(target, kind="evaluation", schema_version=1, stage="evaluate", params_digest="t",
+                           inputs={"beir": beir}) as (tmp, meta):
+        (tmp / "operating_point.json").write_text(json.dumps(point))
+        (tmp / "grid.json").write_text("[]")
+    return target
+
+
+@pytest.mark.slow
+def test_a_worse_student_is_registered_as_candidate_and_the_champion_stays(retrieval_stack: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    first = _register(retrieval_stack, _evaluation(retrieval_stack, tmp_path / "good", 0.80), tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = _register(retrieval_stack, _evaluation(retrieval_stack, tmp_path / "worse", 0.75), tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "gate refused: test-student v2 is candidate" in second.stderr
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("test-student", "champion")
+    candidate = client.get_model_version_by_alias("test-student", "candidate")
+    assert (str(champion.version), str(candidate.version)) == ("1", "2")
+    assert champion.tags["embedforge.ndcg_at_10"] == "0.800000"
+    assert "0.7500 < champion v1 0.8000" in candidate.tags["embedforge.gate_reasons"]
+    assert json.loads((tmp_path / "worse.json").read_text())["gate/promoted"] == 0.0
+    run_artifacts = {item.path for item in client.list_artifacts(candidate.run_id, "serving")}
+    assert run_artifacts == {"serving/calibration.json", "serving/operating_point.json", "serving/gate_decision.json"}
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlflow.sentence_transformers.load_model("models:/test-student@champion").encode(["q"]).shape == (1, 32)
+
+
+def test_a_student_other_than_the_evaluated_one_is_refused(retrieval_stack: dict[str, Path], tiny_teacher_dir: Path,
+                                                           tmp_path: Path) -> None:
+    stack = retrieval_stack | {"student": tiny_teacher_dir}
+    done = _register(stack, _evaluation(retrieval_stack, tmp_path / "good", 0.8), tmp_path)
+    assert done.returncode == 2
+    assert f"is not the model at {tiny_teacher_dir}; re-run quantize, index and evaluate" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_register_without_tracking_is_refused_with_the_fix(retrieval_stack: dict[str, Path], tmp_path: Path) -> None:
+    done = _register(retrieval_stack, _evaluation(retrieval_stack, tmp_path / "good", 0.8), tmp_path, "--no-tracking")
+    assert done.returncode == 2 and "register needs MLflow tracking" in done.stderr
+
+
+def test_missing_calibration_is_refused(retrieval_stack: dict[str, Path], tmp_path: Path) -> None:
+    quantized = tmp_path / "quantized"
+    shutil.copytree(retrieval_stack["quantized"], quantized)
+    (quantized / "student" / "calibration.json").unlink()
+    done = _register(retrieval_stack | {"quantized": quantized}, _evaluation(retrieval_stack, tmp_path / "e", 0.8),
+                     tmp_path)
+    assert done.returncode == 2 and "calibration.json" in done.stderr and "re-run" in done.stderr
