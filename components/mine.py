@@ -244,15 +244,23 @@ def plot_scores(result: MineResult, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.mine` / `embedforge mine`."""
-    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser
+    from components.cli import (
+        StageOutcome,
+        artifact_in,
+        artifact_out,
+        local_path,
+        parse_stage_args,
+        run_stage,
+        stage_parser,
+    )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--curated", type=Path, default=Path("data/curated"), help="curated pairs artifact")
-    parser.add_argument("--embeddings", type=Path, default=Path("data/embeddings/base"),
+    parser.add_argument("--curated", type=artifact_in, default="data/curated", help="curated pairs artifact")
+    parser.add_argument("--embeddings", type=artifact_in, default="data/embeddings/base",
                         help="base-model passage embeddings artifact from curate")
-    parser.add_argument("--output", type=Path, default=Path("data/mined"), help="mined pairs artifact")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/mine.json"), help="metrics JSON for DVC")
-    parser.add_argument("--plot", type=Path, default=Path("plots/mine_scores.png"), help="score histogram")
+    parser.add_argument("--output", type=artifact_out, default="data/mined", help="mined pairs artifact")
+    parser.add_argument("--metrics", type=local_path, default=Path("metrics/mine.json"), help="metrics JSON for DVC")
+    parser.add_argument("--plot", type=local_path, default=Path("plots/mine_scores.png"), help="score histogram")
     args, config = parse_stage_args(parser, argv, MineConfig, STAGE)
     paths = MinePaths(curated=args.curated, embeddings=args.embeddings, output=args.output)
 

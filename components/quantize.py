@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from components import artifacts
+from components import artifacts, storage
 from components.config import ConfigError, StageConfig, params_digest
 from components.curate import CURATED_KIND, CURATED_SCHEMA
 from components.data import read_beir
@@ -96,7 +96,7 @@ def binary_codes(vectors: np.ndarray) -> np.ndarray:
 
 def model_fingerprint(reference: str) -> str:
     """A model artifact's verified content fingerprint, or the reference itself for packaged weights."""
-    path = Path(reference)
+    path = storage.local_dir(reference)
     if (path / artifacts.MANIFEST).is_file():
         return artifacts.read_manifest(path, kind=MODEL_KIND, schema_version=MODEL_SCHEMA).fingerprint
     return reference
@@ -109,7 +109,7 @@ def trained_dims(config: QuantizeConfig) -> list[int]:
     if config.dims is not None:
         return config.dims
     reference = config.models.get(config.matryoshka_model)
-    record = Path(reference or "") / MATRYOSHKA_FILE
+    record = storage.local_dir(reference or "") / MATRYOSHKA_FILE
     if reference is None or not record.is_file():
         raise ConfigError(f"quantize.dims is null but model {config.matryoshka_model!r} has no {MATRYOSHKA_FILE} "
                           f"(models: {config.models}); set quantize.dims or quantize.matryoshka_model")
@@ -248,13 +248,21 @@ def load_quantized(path: Path) -> QuantizedCorpus:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.quantize` / `embedforge quantize`."""
-    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser
+    from components.cli import (
+        StageOutcome,
+        artifact_in,
+        artifact_out,
+        local_path,
+        parse_stage_args,
+        run_stage,
+        stage_parser,
+    )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--beir", type=Path, default=Path("data/beir/debian-test"), help="BEIR dir whose corpus is embedded")
-    parser.add_argument("--curated", type=Path, default=Path("data/curated"), help="curated pairs (calibration sample)")
-    parser.add_argument("--output", type=Path, default=Path("data/quantized"), help="quantized embeddings artifact")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/quantize.json"), help="metrics JSON for DVC")
+    parser.add_argument("--beir", type=artifact_in, default="data/beir/debian-test", help="BEIR dir whose corpus is embedded")
+    parser.add_argument("--curated", type=artifact_in, default="data/curated", help="curated pairs (calibration sample)")
+    parser.add_argument("--output", type=artifact_out, default="data/quantized", help="quantized embeddings artifact")
+    parser.add_argument("--metrics", type=local_path, default=Path("metrics/quantize.json"), help="metrics JSON for DVC")
     args, config = parse_stage_args(parser, argv, QuantizeConfig, STAGE)
     paths = QuantizePaths(beir=args.beir, curated=args.curated, output=args.output)
 

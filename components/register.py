@@ -143,13 +143,20 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.register` / `embedforge register`."""
-    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser
+    from components.cli import (
+        StageOutcome,
+        artifact_in,
+        local_path,
+        parse_stage_args,
+        run_stage,
+        stage_parser,
+    )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--student", type=Path, default=Path("models/student"), help="student model artifact")
-    parser.add_argument("--quantized", type=Path, default=Path("data/quantized"), help="quantize artifact (calibration)")
-    parser.add_argument("--evaluation", type=Path, default=Path("data/evaluation"), help="evaluation artifact")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/register.json"), help="metrics JSON for DVC")
+    parser.add_argument("--student", type=artifact_in, default="models/student", help="student model artifact")
+    parser.add_argument("--quantized", type=artifact_in, default="data/quantized", help="quantize artifact (calibration)")
+    parser.add_argument("--evaluation", type=artifact_in, default="data/evaluation", help="evaluation artifact")
+    parser.add_argument("--metrics", type=local_path, default=Path("metrics/register.json"), help="metrics JSON for DVC")
     args, config = parse_stage_args(parser, argv, RegisterConfig, STAGE)
     paths = RegisterPaths(student=args.student, quantized=args.quantized, evaluation=args.evaluation)
 

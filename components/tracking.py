@@ -15,6 +15,9 @@ import os
 import re
 import subprocess
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,49 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 EXPERIMENT = "embedforge"
+PREFLIGHT_TIMEOUT_S = 5.0
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer: better said before a stage starts than after hours of training."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def _shown(uri: str) -> str:
+    """The URI without any `user:password@` part, fit for a log line."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def check_server(uri: str | None = None, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """Refuse an http(s) tracking URI whose server does not answer `GET /health` within `timeout_s`.
+
+    Any HTTP answer below 500 counts as up (an auth proxy, say: MLflow's own calls will say more). Local
+    stores (sqlite, file) need no check.
+    """
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code < 500:
+            return
+        reason = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise TrackingUnavailable(
+        f"MLflow tracking server {_shown(uri)} (MLFLOW_TRACKING_URI) did not answer within {timeout_s:g}s "
+        f"({reason}); nothing was run. Start the server, point MLFLOW_TRACKING_URI at one that is up, or run "
+        f"the stage with --no-tracking."
+    )
 
 
 def mlflow_key(name: str) -> str:
@@ -48,12 +93,12 @@ def pipeline_key(params_path: Path) -> str:
     return hashlib.sha256(git_commit().encode() + b"\0" + params_bytes).hexdigest()[:16]
 
 
-def _experiment_id(client: Any, tracking_uri: str) -> str:
+def _experiment_id(client: Any, uri: str) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
-    if tracking_uri == DEFAULT_TRACKING_URI:
+    if uri == DEFAULT_TRACKING_URI:
         artifact_location = Path(DEFAULT_ARTIFACT_DIR).resolve().as_uri()
     return client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
 
@@ -117,10 +162,10 @@ def stage_run(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    experiment_id = _experiment_id(client, tracking_uri)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment_id = _experiment_id(client, uri)
     tags = {"embedforge.git_commit": git_commit()}
     parent_id = _parent_run_id(client, experiment_id, pipeline_key(params_path), tags)
     with mlflow.start_run(
@@ -129,7 +174,7 @@ def stage_run(
         tags={"mlflow.parentRunId": parent_id, "embedforge.stage": stage, **tags},
     ) as run:
         mlflow.log_params({mlflow_key(key): value for key, value in params.items()})
-        log.info("MLflow: stage run %s under pipeline run %s (%s)", run.info.run_id, parent_id, tracking_uri)
+        log.info("MLflow: stage run %s under pipeline run %s (%s)", run.info.run_id, parent_id, _shown(uri))
         try:
             yield run.info.run_id
         except BaseException:

@@ -282,15 +282,23 @@ def publish_model(
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.train` / `embedforge train` (or under `torchrun` on several GPUs)."""
-    from components.cli import StageOutcome, parse_stage_args, run_stage, stage_parser
+    from components.cli import (
+        StageOutcome,
+        artifact_in,
+        artifact_out,
+        local_path,
+        parse_stage_args,
+        run_stage,
+        stage_parser,
+    )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--mined", type=Path, default=Path("data/mined"), help="mined pairs artifact")
-    parser.add_argument("--curated", type=Path, default=Path("data/curated"), help="curated pairs (dev split)")
-    parser.add_argument("--output", type=Path, default=Path("models/teacher"), help="teacher model artifact")
-    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/teacher"),
+    parser.add_argument("--mined", type=artifact_in, default="data/mined", help="mined pairs artifact")
+    parser.add_argument("--curated", type=artifact_in, default="data/curated", help="curated pairs (dev split)")
+    parser.add_argument("--output", type=artifact_out, default="models/teacher", help="teacher model artifact")
+    parser.add_argument("--checkpoints", type=local_path, default=Path("checkpoints/teacher"),
                         help="checkpoint dir; a re-run with the same params resumes from it")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/train.json"), help="metrics JSON for DVC")
+    parser.add_argument("--metrics", type=local_path, default=Path("metrics/train.json"), help="metrics JSON for DVC")
     args, config = parse_stage_args(parser, argv, TrainConfig, STAGE)
     paths = TrainPaths(mined=args.mined, curated=args.curated, output=args.output, checkpoints=args.checkpoints)
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # other torchrun ranks train but do not track or write
