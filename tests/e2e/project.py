@@ -1,17 +1,23 @@
-"""A fresh copy of the project for end-to-end runs, and where each runner leaves its smoke results to compare."""
+"""A fresh copy of the project for end-to-end runs, and the smoke results every orchestrator must reproduce."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
+
+from components.artifacts import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_RESULTS = Path(tempfile.mkdtemp(prefix="embedforge-smoke-results-"))
-(SMOKE_RESULTS / "dvc-manifests").mkdir()
+COMPARED_ARTIFACTS = ("data/curated", "data/mined")  # deterministic on CPU: fingerprints must be equal
 
 
 def tracked_copy(destination: Path) -> Path:
@@ -34,3 +40,40 @@ def use_profile(project: Path, profile: str) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["profile"] = profile
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`dvc ARGS` in `project` with this interpreter's venv first on PATH and the local MLflow store."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("EMBEDFORGE_PIPELINE_RUN", None)
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def save_smoke_results(project: Path) -> Path:
+    """Keep what `dvc repro` made of the smoke profile, before any test changes the project."""
+    shutil.copytree(project / "metrics", SMOKE_RESULTS / "metrics", dirs_exist_ok=True)
+    for name in COMPARED_ARTIFACTS:
+        target = SMOKE_RESULTS / "manifests" / name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project / name / "manifest.json", target / "manifest.json")
+    return SMOKE_RESULTS
+
+
+def assert_same_as_dvc(results: Path, artifacts: dict[str, Path], grid_file: Path) -> None:
+    """Another orchestrator's smoke run made the same artifacts and the same evaluation as `dvc repro`.
+
+    `artifacts` maps each of COMPARED_ARTIFACTS to where the other runner published it; nDCG@10 of every grid row
+    must match dvc's metric to 1e-4 (model inference is deterministic on CPU up to float summation order).
+    """
+    assert set(artifacts) == set(COMPARED_ARTIFACTS)
+    for name, path in artifacts.items():
+        dvc = json.loads((results / "manifests" / name / "manifest.json").read_text())
+        made = read_manifest(path, kind=dvc["kind"], schema_version=dvc["schema_version"])
+        assert made.fingerprint == dvc["fingerprint"], f"{name} differs from what dvc repro made"
+    dvc_metrics = json.loads((results / "metrics" / "evaluate.json").read_text())
+    for row in json.loads(grid_file.read_text()):
+        key = f"{row['model']}/d{row['dim']}/{row['index']}{'_rescore' if row['rescored'] else ''}/ndcg@10"
+        assert row["ndcg_at_10"] == pytest.approx(dvc_metrics[key], abs=1e-4), key

@@ -8,11 +8,6 @@ plots written, one MLflow parent run with a nested run per stage, the student re
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,36 +15,17 @@ import yaml
 
 from components.artifacts import read_manifest
 from components.data import read_beir
-from tests.e2e.project import SMOKE_RESULTS, tracked_copy, use_profile
+from tests.e2e.project import run_dvc
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("EMBEDFORGE_PIPELINE_RUN", None)
-    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=900)
+STAGES = {"curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register"}
 
 
 @pytest.fixture(scope="module")
-def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = tracked_copy(tmp_path_factory.mktemp("smoke"))
-    use_profile(project, "smoke")
-    started = time.perf_counter()
-    result = _dvc(project, "repro")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    print(f"dvc repro, smoke profile: {time.perf_counter() - started:.0f}s")
-    shutil.copytree(project / "metrics", SMOKE_RESULTS / "dvc-metrics", dirs_exist_ok=True)
-    for name in ("data/curated", "data/mined", "models/teacher", "models/student"):
-        shutil.copy2(project / name / "manifest.json", SMOKE_RESULTS / "dvc-manifests" / name.replace("/", "_"))
-    return project
-
-
-STAGES = {"curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register"}
+def smoke_project(dvc_smoke_project: Path) -> Path:
+    return dvc_smoke_project
 
 
 def test_smoke_repro_publishes_every_artifact_with_a_manifest(smoke_project: Path) -> None:
@@ -97,7 +73,7 @@ def test_smoke_repro_writes_metrics_plots_and_report(smoke_project: Path) -> Non
     report = (smoke_project / "reports/evaluation.md").read_text()
     assert "| student | 64 | binary_flat_rescore |" in report and "## Pareto front" in report
     assert (smoke_project / "reports/ndcg_vs_bytes.png").stat().st_size > 0
-    shown = _dvc(smoke_project, "metrics", "show", "--json")
+    shown = run_dvc(smoke_project, "metrics", "show", "--json")
     assert "student/d64/int8_flat/ndcg@10" in shown.stdout
 
 
@@ -125,10 +101,10 @@ def test_smoke_repro_tracks_one_parent_run_with_a_nested_run_per_stage(smoke_pro
 
 
 def test_second_repro_reruns_nothing(smoke_project: Path) -> None:
-    result = _dvc(smoke_project, "repro")
+    result = run_dvc(smoke_project, "repro")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Running stage" not in result.stdout
-    status = _dvc(smoke_project, "status")
+    status = run_dvc(smoke_project, "status")
     assert "up to date" in status.stdout
 
 
@@ -138,7 +114,7 @@ def test_a_repro_with_a_worse_student_does_not_take_the_champion(smoke_project: 
     params = yaml.safe_load((smoke_project / "params.yaml").read_text())
     params["profiles"]["smoke"]["distill"] |= {"layers": [0], "learning_rate": 1e-9}  # one barely trained layer
     (smoke_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = _dvc(smoke_project, "repro")
+    result = run_dvc(smoke_project, "repro")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "Running stage 'train'" not in result.stdout and "Running stage 'register'" in result.stdout
     gate = json.loads((smoke_project / "metrics/register.json").read_text())

@@ -15,7 +15,7 @@ import pytest
 
 from components.artifacts import read_manifest
 from pipelines.kfp_pipeline import COMPILED, compile_pipeline
-from tests.e2e.project import SMOKE_RESULTS, tracked_copy, use_profile
+from tests.e2e.project import assert_same_as_dvc, tracked_copy, use_profile
 
 
 def test_the_committed_pipeline_ir_is_current(tmp_path: Path) -> None:
@@ -94,15 +94,9 @@ def _metrics(root: Path, task: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_kfp_and_dvc_make_the_same_artifacts_and_metrics_of_the_smoke_profile(kfp_run: Path) -> None:
-    if not (SMOKE_RESULTS / "dvc-metrics").is_dir():
-        pytest.skip("runs after tests/e2e/test_dvc_pipeline.py in the same session")
-    for task, name, saved in (("curate", "curated", "data_curated"), ("mine", "mined", "data_mined")):
-        dvc = json.loads((SMOKE_RESULTS / "dvc-manifests" / saved).read_text())
-        assert read_manifest(_output(kfp_run, task, name), kind=dvc["kind"], schema_version=1).fingerprint == \
-            dvc["fingerprint"], f"{task} differs between dvc and kfp"
-    dvc_metrics = json.loads((SMOKE_RESULTS / "dvc-metrics" / "evaluate.json").read_text())
-    evaluation = json.loads((_output(kfp_run, "evaluate", "evaluation") / "grid.json").read_text())
-    for row in evaluation:
-        key = f"{row['model']}/d{row['dim']}/{row['index']}{'_rescore' if row['rescored'] else ''}/ndcg@10"
-        assert row["ndcg_at_10"] == pytest.approx(dvc_metrics[key], abs=1e-4), key
+def test_kfp_and_dvc_make_the_same_artifacts_and_metrics_of_the_smoke_profile(kfp_run: Path,
+                                                                               dvc_smoke_results: Path) -> None:
+    assert_same_as_dvc(dvc_smoke_results,
+                       {"data/curated": _output(kfp_run, "curate", "curated"),
+                        "data/mined": _output(kfp_run, "mine", "mined")},
+                       _output(kfp_run, "evaluate", "evaluation") / "grid.json")

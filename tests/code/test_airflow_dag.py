@@ -1,0 +1,169 @@
+"""The Airflow adapter's DAG: parses cleanly, wires every stage the way dvc.yaml does, and renders its pods.
+
+These tests need no Airflow database or cluster: the DAG file is parsed with a DagBag and the Kubernetes tasks
+render their pod specs offline. Running the DAG for real is in tests/e2e/test_airflow_dags.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from components.cli import STAGES
+
+REPO = Path(__file__).resolve().parents[2]
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="embedforge-airflow-home-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+RUN_ID = "manual__2026-11-23T03:00:00+00:00"
+
+
+@pytest.fixture(scope="module")
+def dagbag() -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags"))
+
+
+@pytest.fixture(scope="module")
+def dag(dagbag: Any) -> Any:
+    return dagbag.dags["embedforge_retrain"]
+
+
+@pytest.fixture(scope="module")
+def retrain_module() -> Any:
+    spec = importlib.util.spec_from_file_location("embedforge_retrain", REPO / "dags" / "embedforge_retrain.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the settings' annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def _default_params(dag: Any) -> dict[str, Any]:
+    return {name: param.value for name, param in dag.params.items()}
+
+
+def test_dag_files_import_without_errors(dagbag: Any) -> None:
+    assert dagbag.import_errors == {}
+    assert set(dagbag.dag_ids) == {"embedforge_retrain"}
+
+
+def test_every_stage_is_a_task_in_both_modes_in_pipeline_order_without_cycles(dag: Any) -> None:
+    dag.check_cycle()
+    for mode in ("local", "kubernetes"):
+        for upstream, downstream in zip(STAGES, STAGES[1:]):
+            assert f"{mode}.{upstream}" in dag.get_task(f"{mode}.{downstream}").upstream_task_ids
+        assert dag.get_task(f"{mode}.{STAGES[0]}").upstream_task_ids >= {"choose_mode"}
+        assert f"{mode}.{STAGES[-1]}" in dag.get_task("publish").upstream_task_ids
+    assert dag.get_task("publish").trigger_rule == "none_failed_min_one_success"
+
+
+def test_dag_runs_weekly_by_the_params_cron_and_when_raw_data_is_updated(dag: Any, retrain_module: Any) -> None:
+    from airflow.timetables.assets import AssetOrTimeSchedule
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert isinstance(dag.timetable, AssetOrTimeSchedule)
+    assert dag.timetable.timetable._expression == params["airflow"]["schedule"]
+    assert retrain_module.RAW_PAIRS.uri.endswith(params["airflow"]["raw_pairs"])
+    assert "Triggered by assets" in dag.timetable.description and "Monday" in dag.timetable.description
+
+
+def test_every_trigger_form_param_has_a_type_and_a_description(dag: Any) -> None:
+    for name, param in dag.params.items():
+        assert param.schema.get("type"), name
+        assert len(param.description or "") > 20, name
+    assert dag.params.get_param("profile").schema["enum"] == ["default", "full", "gpu", "smoke"]
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("eps", 0.9), ("eps", "0.1"), ("num_negatives", 0), ("epochs", 0), ("profile", "tiny"),
+    ("mode", "cloud"), ("student_layers", [-1]), ("matryoshka_dims", []),
+])
+def test_trigger_form_rejects_out_of_range_or_mistyped_values(dag: Any, name: str, value: Any) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param(name).resolve(value)
+
+
+def test_each_stage_gets_the_artifact_flags_dvc_yaml_gives_it(dag: Any, retrain_module: Any) -> None:
+    dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    layout = retrain_module.plan_run(_default_params(dag), RUN_ID, "local")
+    for stage in STAGES:
+        dvc_flags = {part for part in shlex.split(dvc_stages[stage]["cmd"]) if part.startswith("--")}
+        argv = layout["argv"][stage]
+        assert argv[0] == stage
+        assert {part for part in argv if part.startswith("--")} - {"--profile", "--set"} == dvc_flags, stage
+
+
+def test_plan_puts_a_run_under_its_own_directory_and_turns_params_into_overrides(dag: Any,
+                                                                                  retrain_module: Any) -> None:
+    params = _default_params(dag) | {"profile": "smoke", "eps": 0.1, "student_layers": [0, 3], "epochs": None}
+    layout = retrain_module.plan_run(params, RUN_ID, "local")
+    assert layout["run_dir"] == str(REPO / "airflow_runs" / "manual__2026-11-23T03_00_00_00_00")
+    assert all(path.startswith(layout["run_dir"]) for name, path in layout["artifacts"].items() if name != "raw_pairs")
+    curate, distill, train = layout["argv"]["curate"], layout["argv"]["distill"], layout["argv"]["train"]
+    assert curate[curate.index("--profile") + 1] == "smoke"
+    assert curate[curate.index("--set") + 1] == "eps=0.1"
+    assert distill[distill.index("--set") + 1] == "layers=[0, 3]"
+    assert "--set" not in train  # an empty Param keeps the profile's value
+    quantize = layout["argv"]["quantize"]
+    assert f'"student": "{layout["artifacts"]["student"]}"' in quantize[quantize.index("--set") + 1]
+
+
+class PlanXCom:
+    """What a task instance's `xcom_pull` returns for the `plan` task of one run (the only XCom the pods read)."""
+
+    def __init__(self, layout: dict[str, Any]) -> None:
+        self.layout = layout
+
+    def xcom_pull(self, task_ids: str, **_: Any) -> dict[str, Any]:
+        assert task_ids == "plan"
+        return self.layout
+
+
+@pytest.fixture
+def offline_kubeconfig(tmp_path: Path) -> Path:
+    """A kubeconfig naming a cluster that is never contacted: building a pod spec only reads the config."""
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": "offline",
+              "clusters": [{"name": "offline", "cluster": {"server": "https://127.0.0.1:9"}}],
+              "users": [{"name": "offline", "user": {"token": "not-a-secret"}}],
+              "contexts": [{"name": "offline", "context": {"cluster": "offline", "user": "offline"}}]}
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_kubernetes_mode_renders_a_pod_running_the_stage_cli_on_the_project_image(
+        dag: Any, retrain_module: Any, stage: str, offline_kubeconfig: Path) -> None:
+    settings = retrain_module.SETTINGS
+    layout = retrain_module.plan_run(_default_params(dag), RUN_ID, "kubernetes")
+    operator = dag.get_task(f"kubernetes.{stage}")
+    operator.config_file = str(offline_kubeconfig)  # the worker's own kubeconfig in a deployment
+    operator.render_template_fields({"ti": PlanXCom(layout), "params": _default_params(dag), "run_id": RUN_ID})
+    pod = operator.build_pod_request_obj()
+
+    container = pod.spec.containers[0]
+    gpu = stage in ("train", "distill")
+    assert container.image == (settings.cuda_image if gpu else settings.cpu_image)
+    assert container.command == ["embedforge"]
+    assert container.args == layout["argv"][stage]
+    assert all(path.startswith(settings.kubernetes_artifact_root + "/") for path in container.args
+               if path.startswith("/"))
+    assert (container.resources.limits.get("nvidia.com/gpu") == "1") is gpu
+    assert [mount.mount_path for mount in container.volume_mounts] == [settings.kubernetes_artifact_root]
+    assert pod.spec.volumes[0].persistent_volume_claim.claim_name == settings.artifacts_claim
+    env = {item.name: item.value for item in container.env}
+    assert env == {"EMBEDFORGE_PIPELINE_RUN": f"embedforge_retrain/{RUN_ID}"}
+    assert {source.config_map_ref.name for source in container.env_from if source.config_map_ref} == \
+        {settings.settings_config_map}
+    assert pod.metadata.namespace == settings.namespace

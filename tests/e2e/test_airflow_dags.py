@@ -1,0 +1,111 @@
+"""Airflow 3, for real: `airflow dags test` of the smoke profile, and a real Airflow triggered through its REST API.
+
+Both run in a fresh copy of the project with their own AIRFLOW_HOME (sqlite) and MLflow store. `dags test` must
+make the same artifacts and metrics as `dvc repro`; the server run must take the conf of its trigger request
+(a different SemDeDup eps) and a raw-data Asset event must queue a retraining run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from components.artifacts import read_manifest
+from components.cli import STAGES
+from tests.e2e.airflow import DAG_ID, AirflowServer, airflow, airflow_env, wait_for
+from tests.e2e.project import assert_same_as_dvc, tracked_copy, use_profile
+
+pytestmark = pytest.mark.slow
+
+
+def json_output(text: str) -> Any:
+    """The JSON document a CLI printed last (Airflow logs its warnings to stdout before it)."""
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def pipeline_runs(project: Path, pipeline_run: str) -> tuple[Any, dict[str, Any]]:
+    """The MLflow parent run of one DAG run and its nested runs by stage."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("embedforge")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(run for run in runs if run.data.tags.get("embedforge.role") == "pipeline"
+                  and run.data.tags.get("embedforge.pipeline_key") == pipeline_run)
+    children = {run.data.tags["embedforge.stage"]: run for run in runs
+                if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    return parent, children
+
+
+@pytest.fixture(scope="module")
+def dags_test_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, str]]:
+    project = tracked_copy(tmp_path_factory.mktemp("airflow-dags-test"))
+    use_profile(project, "smoke")
+    env = airflow_env(tmp_path_factory.mktemp("airflow-home"), project)
+    airflow(env, "db", "migrate")
+    started = time.perf_counter()
+    airflow(env, "dags", "test", DAG_ID, "-c", json.dumps({"profile": "smoke"}), timeout=1200)
+    print(f"airflow dags test, smoke profile: {time.perf_counter() - started:.0f}s")
+    (run,) = json_output(airflow(env, "dags", "list-runs", DAG_ID, "-o", "json"))
+    states = {item["task_id"]: item["state"] for item in json_output(
+        airflow(env, "tasks", "states-for-dag-run", DAG_ID, run["run_id"], "-o", "json"))}
+    return project, run["run_id"], states
+
+
+def test_dags_test_runs_every_stage_locally_and_skips_the_kubernetes_branch(dags_test_run: tuple) -> None:
+    _, _, states = dags_test_run
+    assert {states[f"local.{stage}"] for stage in STAGES} == {"success"}
+    assert {states[f"kubernetes.{stage}"] for stage in STAGES} == {"skipped"}
+    assert states["plan"] == states["choose_mode"] == states["publish"] == "success"
+
+
+def test_dags_test_publishes_every_artifact_and_tracks_one_mlflow_run_per_dag_run(dags_test_run: tuple) -> None:
+    project, run_id, _ = dags_test_run
+    (run_dir,) = (project / "airflow_runs").iterdir()
+    for path, kind in (("data/curated", "curated_pairs"), ("data/mined", "mined_pairs"),
+                       ("models/teacher", "sentence_transformer"), ("models/student", "sentence_transformer"),
+                       ("data/quantized", "quantized_embeddings"), ("data/index", "faiss_indexes"),
+                       ("data/evaluation", "evaluation")):
+        read_manifest(run_dir / path, kind=kind, schema_version=1)
+    assert "## Operating point" in (run_dir / "reports/evaluation.md").read_text()
+    assert {path.stem for path in (run_dir / "metrics").iterdir()} == set(STAGES)
+    parent, children = pipeline_runs(project, f"{DAG_ID}/{run_id}")
+    assert set(children) == set(STAGES)
+    assert children["register"].data.metrics["gate/promoted"] == 1.0
+
+
+def test_dags_test_makes_the_same_artifacts_and_metrics_as_dvc_repro(dags_test_run: tuple,
+                                                                     dvc_smoke_results: Path) -> None:
+    project, _, _ = dags_test_run
+    (run_dir,) = (project / "airflow_runs").iterdir()
+    assert_same_as_dvc(dvc_smoke_results, {name: run_dir / name for name in ("data/curated", "data/mined")},
+                       run_dir / "data/evaluation/grid.json")
+
+
+def test_a_run_triggered_through_the_rest_api_succeeds_with_its_conf(airflow_server: AirflowServer,
+                                                                      triggered_run: dict[str, Any]) -> None:
+    assert triggered_run["state"] == "success", airflow_server.log.read_text()[-4000:]
+    run_id = triggered_run["dag_run_id"]
+    instances = airflow_server.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]
+    states = {item["task_id"]: item["state"] for item in instances}
+    assert {states[f"local.{stage}"] for stage in STAGES} == {"success"}
+    plan = airflow_server.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/plan/xcomEntries/return_value")
+    assert "eps=0.1" in json.dumps(plan["value"])
+    _, children = pipeline_runs(airflow_server.project, f"{DAG_ID}/{run_id}")
+    assert children["curate"].data.params["eps"] == "0.1"  # the trigger's conf reached the stage
+    events = airflow_server.api("GET", "/assets/events", params={"source_dag_id": DAG_ID})["asset_events"]
+    assert any(event["source_run_id"] == run_id and event["extra"].get("mlflow_run_id") for event in events)
+
+
+def test_an_update_of_the_raw_data_asset_queues_a_retraining_run(airflow_server: AirflowServer,
+                                                                triggered_run: dict[str, Any]) -> None:
+    assets = airflow_server.api("GET", "/assets", params={"name_pattern": "embedforge-raw-pairs"})["assets"]
+    (raw_pairs,) = assets
+    airflow_server.api("POST", "/assets/events", json={"asset_id": raw_pairs["id"], "extra": {"why": "new data"}})
+    wait_for(lambda: any(run["run_type"] == "asset_triggered" for run in
+                         airflow_server.api("GET", f"/dags/{DAG_ID}/dagRuns")["dag_runs"]),
+             "an asset-triggered run", 120, airflow_server.log)
