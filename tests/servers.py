@@ -86,8 +86,10 @@ class S3Server:
     @property
     def env(self) -> dict[str, str]:
         """What a process needs to use this server through boto3's own chain (never a real profile)."""
+        empty = self.log.parent / "aws-config-empty"  # no ~/.aws profile may leak into a test
+        empty.touch()
         return {**TEST_CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+                "AWS_CONFIG_FILE": str(empty), "AWS_SHARED_CREDENTIALS_FILE": str(empty)}
 
     def client(self) -> Any:
         import boto3
