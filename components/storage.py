@@ -3,9 +3,9 @@
 Stages only ever work on local paths; this module moves artifacts between S3 and the local disk around them:
 
 - an input artifact at `s3://bucket/prefix` is read through its `manifest.json` first: every file the manifest
-  lists is downloaded and checked against its sha256 into a local cache entry keyed by the manifest's
-  fingerprint (immutable, so concurrent readers and repeated reads are safe); a prefix without a manifest is
-  not an artifact and is refused;
+  lists is downloaded and checked against its sha256 into a local cache entry keyed by the manifest's own
+  hash (immutable, so concurrent readers and repeated reads are safe); a prefix without a manifest is not an
+  artifact and is refused;
 - an output artifact is published locally with `artifacts.publish` (atomic, as for local outputs) and then
   uploaded: the old manifest is deleted first, then every file is uploaded, objects of an older version are
   removed, and `manifest.json` goes last. A reader therefore never trusts a half-written prefix: until the
@@ -18,6 +18,7 @@ S3-compatible server): nothing here reads, stores or logs them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -104,13 +105,19 @@ def _explain(exc: Exception, uri: str, doing: str) -> StorageError:
         return StorageError(f"{uri}: cannot reach the S3 endpoint while {doing} ({exc}); check AWS_ENDPOINT_URL / "
                             f"AWS_ENDPOINT_URL_S3 and that the server is up")
     if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "?")
+        code = _error_code(exc) or "?"
         advice = {"NoSuchBucket": "create the bucket or fix the URI",
                   "AccessDenied": "the credentials in use may not access it",
                   "InvalidAccessKeyId": "the access key is not known to this endpoint",
                   "SignatureDoesNotMatch": "the secret key does not match the access key"}.get(code, "")
         return StorageError(f"{uri}: S3 refused {doing} ({code}){'; ' + advice if advice else ''}")
     return StorageError(f"{uri}: {doing} failed: {exc}")
+
+
+def _error_code(exc: Exception) -> str:
+    """The S3 error code of a botocore `ClientError` ("404", "NoSuchKey", ...), else ""."""
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
 def _boto_errors() -> tuple[type[Exception], ...]:
@@ -154,11 +161,10 @@ def _read_remote_manifest(client: S3Client, uri: S3Uri) -> tuple[bytes, dict[str
     try:
         manifest = json.loads(body)
         files = manifest["files"]
-        fingerprint = manifest["fingerprint"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{uri}/{MANIFEST}: unreadable manifest ({exc}); re-run the producing stage") from exc
-    if not isinstance(files, dict) or not isinstance(fingerprint, str) or not fingerprint.isalnum():
-        raise ArtifactError(f"{uri}/{MANIFEST}: unreadable manifest (bad files or fingerprint); re-run its stage")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{uri}/{MANIFEST}: unreadable manifest (`files` is not a mapping); re-run its stage")
     return body, manifest
 
 
@@ -168,7 +174,7 @@ def fetch_artifact(uri: str) -> Path:
     client = s3_client()
     try:
         body, manifest = _read_remote_manifest(client, location)
-        entry = cache_root() / "s3" / location.bucket / location.key / manifest["fingerprint"][:32]
+        entry = cache_root() / "s3" / location.bucket / location.key / hashlib.sha256(body).hexdigest()[:32]
         if (entry / MANIFEST).is_file():
             log.info("%s: using the cached copy %s", location, entry)
             return entry
@@ -196,7 +202,7 @@ def fetch_artifact(uri: str) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except _boto_errors() as exc:
-        if "404" in str(exc) or "NoSuchKey" in str(exc):
+        if _error_code(exc) in ("404", "NoSuchKey"):
             raise ArtifactError(f"{location}: a file its manifest lists is missing on S3 ({exc}); the prefix "
                                 f"was modified - re-run the stage that writes it") from None
         raise _explain(exc, str(location), "reading the artifact") from None
@@ -214,7 +220,7 @@ def fetch_file(uri: str) -> Path:
         try:
             head = client.head_object(Bucket=location.bucket, Key=location.key)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            if _error_code(exc) in ("404", "NoSuchKey"):
                 raise StorageError(f"{location}: no such object; check the URI (a file, not a prefix)") from None
             raise
         version = head["ETag"].strip('"').replace("-", "_") or "unversioned"

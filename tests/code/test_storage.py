@@ -18,8 +18,8 @@ KIND, SCHEMA = "curated_pairs", 1
 BUCKET = "embedforge-unit"
 
 
-def _publish(target: Path, files: dict[str, str]) -> Path:
-    with publish(target, kind=KIND, schema_version=SCHEMA, stage="curate", params_digest="abc") as (tmp, meta):
+def _publish(target: Path, files: dict[str, str], params_digest: str = "abc") -> Path:
+    with publish(target, kind=KIND, schema_version=SCHEMA, stage="curate", params_digest=params_digest) as (tmp, meta):
         for name, text in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text)
@@ -117,6 +117,14 @@ def test_a_second_read_of_the_same_version_comes_from_the_cache(
         second = storage.fetch_artifact(prefix)
     assert second == first
     assert [request["url"].rsplit("/", 1)[-1] for request in requests if request["method"] == "GET"] == [MANIFEST]
+
+
+def test_the_same_files_under_a_new_manifest_are_not_served_from_the_cache(
+        s3_env: S3Server, prefix: str, tmp_path: Path) -> None:
+    storage.upload_artifact(_publish(tmp_path / "v1", {"a.txt": "1"}, params_digest="old"), prefix)
+    storage.fetch_artifact(prefix)
+    storage.upload_artifact(_publish(tmp_path / "v2", {"a.txt": "1"}, params_digest="new"), prefix)
+    assert read_manifest(storage.fetch_artifact(prefix), kind=KIND, schema_version=SCHEMA).params_digest == "new"
 
 
 def test_a_single_file_is_fetched_with_its_name(s3_env: S3Server, prefix: str) -> None:
