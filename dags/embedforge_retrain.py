@@ -22,7 +22,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import pendulum
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Asset, Param, TaskGroup, Variable, chain, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -202,9 +201,11 @@ def _nullable(kind: str, description: str, **schema: Any) -> Param:
 @dag(
     dag_id=DAG_ID,
     description="Retrain the embedforge student: curate, mine, train, distill, quantize, index, evaluate, register",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(SETTINGS.schedule, timezone="UTC"),
+    # A newly deployed DAG waits for the next cron tick instead of retraining at once: no start_date, and
+    # run_immediately=timedelta(0) (Airflow 3.3 treats `False` like its default, a 10%-of-the-period grace).
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(SETTINGS.schedule, timezone="UTC",
+                                                                run_immediately=timedelta(0)),
                                  assets=[RAW_PAIRS]),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
     default_args={

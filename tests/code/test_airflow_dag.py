@@ -76,6 +76,15 @@ def test_dag_runs_weekly_by_the_params_cron_and_when_raw_data_is_updated(dag: An
     assert "Triggered by assets" in dag.timetable.description and "Monday" in dag.timetable.description
 
 
+def test_a_newly_deployed_dag_waits_for_the_next_cron_tick_instead_of_running_at_once(dag: Any) -> None:
+    from airflow.sdk import timezone
+    from airflow.timetables.base import TimeRestriction
+
+    first = dag.timetable.next_dagrun_info(last_automated_data_interval=None,
+                                           restriction=TimeRestriction(earliest=None, latest=None, catchup=False))
+    assert first.run_after > timezone.utcnow()
+
+
 def test_every_trigger_form_param_has_a_type_and_a_description(dag: Any) -> None:
     for name, param in dag.params.items():
         assert param.schema.get("type"), name
