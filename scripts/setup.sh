@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create or update .venv from the lock file. Idempotent: a venv already built from this lock is left alone.
+# Create or update .venv from the lock file; with --tests, also what the tests need besides (Chromium).
+# Idempotent: a venv already built from this lock is left alone.
 # torch is installed first, alone, as the CPU build (any looser pin would pull a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +8,15 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
   || { echo "setup: embedforge needs Python 3.11; set PYTHON=/path/to/python3.11" >&2; exit 1; }
+
+# With --tests: headless Chromium for the UI tests (tests/e2e/test_ui.py), Debian's package, never a browser download.
+if [[ "${1:-}" == "--tests" ]] && ! command -v chromium >/dev/null; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+  else
+    echo "setup: chromium not found; the UI tests need it (as root: apt-get install chromium)" >&2
+  fi
+fi
 
 stamp="$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 if [[ -x .venv/bin/python && "$(cat .venv/.embedforge-lock 2>/dev/null)" == "$stamp" ]]; then
