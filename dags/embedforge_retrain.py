@@ -139,10 +139,15 @@ def plan_run(params: dict[str, Any], run_id: str, mode: str) -> dict[str, Any]:
             "argv": argv}
 
 
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, else the project's own local store (what `dvc repro` in the project uses)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI.replace("///", f"///{PROJECT}/"))
+
+
 def run_stage_subprocess(argv: list[str], pipeline_run: str) -> None:
     """Run `embedforge <stage> ...` in a subprocess of the worker, streaming its log lines into the task log."""
-    env = {**os.environ, "EMBEDFORGE_PIPELINE_RUN": pipeline_run, "HF_HUB_OFFLINE": "1"}
-    env.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI.replace("///", f"///{PROJECT}/"))
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(), **os.environ, "EMBEDFORGE_PIPELINE_RUN": pipeline_run,
+           "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "components.cli", *argv]
     log.info("running: %s", " ".join(command))
     with subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -264,18 +269,18 @@ def embedforge_retrain() -> None:
         """Emit the model Asset with this run's MLflow parent run, and log where to look."""
         from mlflow.tracking import MlflowClient
 
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI.replace("///", f"///{PROJECT}/"))
-        client = MlflowClient(tracking_uri)
+        uri = tracking_uri()
+        client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         runs = [] if experiment is None else client.search_runs(
             [experiment.experiment_id], max_results=1,
             filter_string=f"tags.`embedforge.pipeline_key` = '{layout['pipeline_run']}' "
                           f"and tags.`embedforge.role` = 'pipeline'")
         if not runs:
-            raise AirflowFailException(f"no MLflow pipeline run tagged {layout['pipeline_run']!r} at {tracking_uri}")
+            raise AirflowFailException(f"no MLflow pipeline run tagged {layout['pipeline_run']!r} at {uri}")
         run = runs[0].info
-        link = (f"{tracking_uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
-                if tracking_uri.startswith("http") else f"run {run.run_id} in {tracking_uri} (see `mlflow ui`)")
+        link = (f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+                if uri.startswith("http") else f"run {run.run_id} in {uri} (see `mlflow ui`)")
         log.info("MLflow pipeline run: %s", link)
         summary = {"mlflow_run_id": run.run_id, "mlflow_run": link, "artifacts": layout["run_dir"]}
         get_current_context()["outlet_events"][STUDENT_MODEL].extra = summary
