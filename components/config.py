@@ -48,6 +48,8 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
         raise ConfigError(f"{path}: params file not found; run from the project root or pass --params")
     try:
         params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}); save the params file as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(params, dict):
@@ -58,16 +60,26 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
 def resolve_stage_params(params: dict[str, Any], stage: str, profile: str | None = None) -> dict[str, Any]:
     """The stage's section with the active profile's overrides applied, plus the shared top-level keys."""
     profile = profile or params.get("profile", BASE_PROFILE)
-    profiles = params.get("profiles") or {}
-    if profile != BASE_PROFILE and profile not in profiles:
-        known = ", ".join([BASE_PROFILE, *sorted(profiles)])
+    profiles = _mapping(params.get("profiles"), "profiles")
+    if profile != BASE_PROFILE and (not isinstance(profile, str) or profile not in profiles):
+        known = ", ".join([BASE_PROFILE, *sorted(map(str, profiles))])
         raise ConfigError(f"profile {profile!r} is not defined; known profiles: {known}")
     if stage not in params:
-        raise ConfigError(f"params has no section {stage!r}; sections: {', '.join(sorted(params))}")
-    section = params[stage] or {}
+        raise ConfigError(f"params has no section {stage!r}; sections: {', '.join(sorted(map(str, params)))}")
+    section = _mapping(params[stage], stage)
     if profile != BASE_PROFILE:
-        section = _deep_merge(section, (profiles[profile] or {}).get(stage) or {})
+        overrides = _mapping(profiles[profile], f"profiles.{profile}")
+        section = _deep_merge(section, _mapping(overrides.get(stage), f"profiles.{profile}.{stage}"))
     return section
+
+
+def _mapping(value: object, key: str) -> dict[str, Any]:
+    """A params section: a mapping (`null` or absent counts as empty); anything else names the key."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of `key: value` params, got {type(value).__name__}")
+    return value
 
 
 def build_config(model: type[ConfigT], section: dict[str, Any], where: str) -> ConfigT:
@@ -103,7 +115,10 @@ def load_stage_config(
 ) -> ConfigT:
     """Read, resolve and validate one stage's config from a params file, with `overrides` applied last."""
     params = load_params(params_path)
-    section = {**resolve_stage_params(params, stage, profile), **(overrides or {})}
+    try:
+        section = {**resolve_stage_params(params, stage, profile), **(overrides or {})}
+    except ConfigError as exc:
+        raise ConfigError(f"{params_path}: {exc}") from None
     return build_config(model, section, where=f"{params_path}:{stage}")
 
 

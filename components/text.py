@@ -7,6 +7,7 @@ import re
 import unicodedata
 
 _WHITESPACE = re.compile(r"\s+")
+_NON_SPACE = re.compile(r"\S")
 _INVISIBLE = ("Cc", "Cf", "Cs", "Co", "Cn")
 
 
@@ -24,6 +25,18 @@ def normalise(text: str) -> str:
     )
     folded = unicodedata.normalize("NFKC", visible)
     return _WHITESPACE.sub(" ", folded).strip()
+
+
+def is_blank(text: str) -> bool:
+    """Whether `normalise(text)` is empty: only whitespace, control, format or unassigned characters.
+
+    Fast for ordinary text: when its first non-space character is a letter or digit the answer is settled
+    without normalising the whole text (NFKC never folds a letter or digit into nothing or into whitespace).
+    """
+    first = _NON_SPACE.search(text)
+    if first is not None and unicodedata.category(first.group())[0] in "LN":
+        return False
+    return not normalise(text)
 
 
 def text_key(*texts: str) -> str:

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from components.data import PAIR_COLUMNS, BeirDataset, DataError, read_beir, read_pairs, write_beir
+from components.text import normalise
 
 QUERY = "mail transfer agent"
 POSITIVE = "A mail transfer agent that delivers local and remote electronic mail."
@@ -75,17 +76,26 @@ def test_pathological_json_line_is_a_data_error_naming_the_line(tmp_path: Path, 
         read_pairs(path)
 
 
-def test_duplicate_ids_are_an_error_naming_file_and_ids(tmp_path: Path) -> None:
+def test_duplicate_id_is_an_error_naming_the_file_both_lines_and_the_id(tmp_path: Path) -> None:
     path = tmp_path / "pairs.jsonl"
-    path.write_bytes(VALID + b"\n" + VALID + b"\n")
-    with pytest.raises(DataError, match=re.escape(f"{path}: duplicate id(s) ['a']; ids must be unique")):
+    path.write_bytes(VALID + b"\n\n" + VALID + b"\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: duplicate id 'a', already used by line 1; ids must be "
+                                                  f"unique")):
+        read_pairs(path)
+
+
+def test_duplicate_id_in_parquet_names_both_rows(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.parquet"
+    pd.DataFrame({"id": ["a", "b", "a"], "query": [QUERY] * 3, "positive": [POSITIVE] * 3}).to_parquet(path)
+    with pytest.raises(DataError, match=re.escape(f"{path}: row 2: duplicate id 'a', already used by row 0")):
         read_pairs(path)
 
 
 def test_explicit_id_colliding_with_a_default_id_is_a_duplicate(tmp_path: Path) -> None:
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(_line(query=QUERY, positive=POSITIVE) + b"\n" + _line(id="row-0", query=QUERY, positive=POSITIVE))
-    with pytest.raises(DataError, match=r"duplicate id\(s\) \['row-0'\]"):
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: duplicate id 'row-0', already used by line 1 as its "
+                                                  f"default id (it has no 'id' field)")):
         read_pairs(path)
 
 
@@ -154,7 +164,7 @@ def test_texts_are_read_verbatim_not_normalised(tmp_path: Path, write_jsonl) -> 
     assert frame.loc[0, "positive"] == positive and frame.loc[0, "query"] == "ﬁle tools"
 
 
-NON_BLANK_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1).filter(str.strip)
+NON_BLANK_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1).filter(normalise)
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -284,3 +294,63 @@ def test_bad_beir_jsonl_line_is_an_error_naming_file_and_line(
     path.write_bytes(b"\n".join([lines[0], bad_line, *lines[1:]]) + b"\n")
     with pytest.raises(DataError, match=re.escape(f"{path}:2: ") + expected):
         read_beir(beir_dir)
+
+
+BEIR_FILE_CONTENT = st.one_of(
+    st.binary(max_size=120),
+    st.lists(st.one_of(st.binary(max_size=40).map(lambda raw: raw.replace(b"\n", b"")),
+                       st.sampled_from([b'{"_id": "d1", "text": "mail"}', b'{"_id": "q1", "text": "mta"}',
+                                        b'{"_id": 1}', b'{"_id": "d1", "text": 3}', b"q1\td1\t1", b"q1\td1\tx",
+                                        b"query-id\tcorpus-id\tscore", b"q1\t\"d1\t1", b"\xff", b""])),
+             max_size=5).map(lambda lines: b"\n".join(lines)),
+)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["corpus.jsonl", "queries.jsonl", "qrels/test.tsv"]), BEIR_FILE_CONTENT)
+def test_arbitrary_bytes_in_a_beir_file_never_raise_anything_but_data_error_naming_a_file(
+    beir_dir: Path, name: str, content: bytes
+) -> None:
+    (beir_dir / name).write_bytes(content)
+    try:
+        dataset = read_beir(beir_dir)
+    except DataError as exc:
+        assert re.match(re.escape(str(beir_dir)) + r"/(corpus\.jsonl|queries\.jsonl|qrels/test\.tsv)(:\d+)?: ",
+                        str(exc)), str(exc)
+    else:
+        assert dataset.qrels and all(query in dataset.queries for query in dataset.qrels)
+        assert all(doc in dataset.corpus for docs in dataset.qrels.values() for doc in docs)
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "expected"),
+    [
+        pytest.param(VALID + b"\n" + b'{"query": "' + b"x" * (1 << 20) + b'", "positive": "p"}\n', 2,
+                     r"line longer than 1048576 bytes", id="huge-line"),
+        pytest.param(_line(query="\u200b\u2060\ufeff", positive=POSITIVE) + b"\n", 1,
+                     r"field 'query' is empty \(nothing but whitespace, control or invisible characters\)",
+                     id="invisible-only-text"),
+    ],
+)
+def test_huge_line_and_invisible_text_are_errors_naming_the_line(
+    tmp_path: Path, content: bytes, line: int, expected: str
+) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(f"{path}:{line}: ") + expected):
+        read_pairs(path)
+
+
+def test_a_line_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
+    prefix, suffix = b'{"query": "mail tools", "positive": "', b'"}'
+    line = prefix + b"x" * ((1 << 20) - len(prefix) - len(suffix)) + suffix
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(line + b"\n")
+    assert len(line) == 1 << 20 and len(read_pairs(path).loc[0, "positive"]) > 1_000_000
+
+
+def test_qrels_quotes_are_read_as_written_by_write_beir(tmp_path: Path) -> None:
+    dataset = BeirDataset(corpus={'d"1': "Exim is a mail transfer agent."}, queries={"q\t1": "mail"},
+                          qrels={"q\t1": {'d"1': 1}})
+    write_beir(tmp_path / "beir", dataset)
+    assert read_beir(tmp_path / "beir") == dataset

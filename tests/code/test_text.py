@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from components.text import normalise, text_key
+from components.text import is_blank, normalise, text_key
 
 REMOVED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
 
@@ -89,3 +89,17 @@ def test_text_key_of_several_texts_respects_field_boundaries() -> None:
 def test_text_key_of_normalised_pairs_collides_only_for_equal_pairs(a: str, b: str, c: str, d: str) -> None:
     left, right = (normalise(a), normalise(b)), (normalise(c), normalise(d))
     assert (text_key(*left) == text_key(*right)) == (left == right)
+
+
+@given(st.text())
+@example("\u00a8")  # folds to a space and a combining mark: not blank
+@example("\u200b\u00ad\ufeff")
+@example(" \x00\x1b\x7f ")
+def test_is_blank_is_exactly_normalise_giving_nothing(text: str) -> None:
+    assert is_blank(text) == (normalise(text) == "")
+
+
+@given(st.text(alphabet=st.characters(categories=("L", "N")), min_size=1), st.text())
+def test_text_starting_with_a_letter_or_digit_is_never_blank(start: str, rest: str) -> None:
+    assert not is_blank(" \t" + start + rest)
+    assert normalise(start + rest) != ""
