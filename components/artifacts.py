@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 MANIFEST = "manifest.json"
@@ -116,6 +116,33 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
+def _check_file_names(manifest_path: Path, manifest: Manifest) -> None:
+    """Every file a manifest lists is a plain relative path inside the artifact: no absolute path, no `..`."""
+    if not isinstance(manifest.files, dict):
+        raise ArtifactError(f"{manifest_path}: unreadable manifest (`files` is not a mapping); re-run the "
+                            f"producing stage")
+    for name in manifest.files:
+        path = PurePosixPath(name) if isinstance(name, str) else None
+        if (path is None or path.is_absolute() or "\\" in name or name == MANIFEST
+                or any(part in ("", ".", "..") for part in name.split("/"))):
+            raise ArtifactError(
+                f"{manifest_path}: file name {name!r} is not a plain relative path inside the artifact (absolute, "
+                f"'..' or empty parts are refused); the manifest was not written by embedforge or was tampered "
+                f"with - re-run stage {manifest.stage!r}"
+            )
+
+
+def member(root: Path, manifest: Manifest, name: str) -> Path:
+    """The path of file `name` of an artifact read with `read_manifest`; a name its manifest does not list is
+    refused, so names taken from records or `extra` can never reach outside the artifact directory."""
+    if name not in manifest.files:
+        raise ArtifactError(
+            f"{root}: no file {name!r} in its manifest; the artifact is incomplete or its records point outside "
+            f"it - re-run stage {manifest.stage!r}"
+        )
+    return Path(root) / name
+
+
 def read_manifest(path: Path, *, kind: str, schema_version: int, verify: bool = True) -> Manifest:
     """Load and check an artifact's manifest; refuse a wrong kind, schema or a content mismatch."""
     path = Path(path)
@@ -127,8 +154,9 @@ def read_manifest(path: Path, *, kind: str, schema_version: int, verify: bool = 
         )
     try:
         manifest = Manifest(**json.loads(manifest_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
         raise ArtifactError(f"{manifest_path}: unreadable manifest ({exc}); re-run the producing stage") from exc
+    _check_file_names(manifest_path, manifest)
     if manifest.kind != kind:
         raise ArtifactError(
             f"{path}: expected an artifact of kind {kind!r}, found {manifest.kind!r} (made by stage "

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
@@ -166,7 +166,8 @@ def load_indexes(path: Path) -> IndexSet:
     manifest = artifacts.read_manifest(path, kind=INDEX_KIND, schema_version=INDEX_SCHEMA)
     records = []
     for file in manifest.extra["indexes"]:
-        record = IndexRecord(**json.loads((Path(path) / file).with_suffix(".json").read_text()))
+        record_path = artifacts.member(path, manifest, PurePosixPath(file).with_suffix(".json").as_posix())
+        record = IndexRecord(**json.loads(record_path.read_text()))
         records.append(record)
     return IndexSet(path=Path(path), manifest=manifest, records=records)
 
@@ -175,7 +176,7 @@ def read_index(index_set: IndexSet, record: IndexRecord) -> Any:
     """Load one index file of a verified index artifact (faiss's own format: nothing is unpickled)."""
     import faiss
 
-    path = index_set.path / record.file
+    path = artifacts.member(index_set.path, index_set.manifest, record.file)
     return faiss.read_index_binary(str(path)) if record.precision == "binary" else faiss.read_index(str(path))
 
 

@@ -201,7 +201,7 @@ class QuantizedCorpus:
                                           f"not {dim}; add {dim} to quantize.dims and re-run quantize")
 
     def _load(self, model: str, name: str, shape: tuple[int, int]) -> np.ndarray:
-        array = np.load(self.path / model / name, allow_pickle=False)
+        array = np.load(artifacts.member(self.path, self.manifest, f"{model}/{name}"), allow_pickle=False)
         if array.shape != shape:
             raise artifacts.ArtifactError(f"{self.path / model / name}: shape {array.shape}, expected {shape} "
                                           f"({len(self.doc_ids)} documents); re-run quantize")
@@ -222,7 +222,7 @@ class QuantizedCorpus:
 
     def ranges(self, model: str, dim: int) -> np.ndarray:
         self._check_dim(model, dim)
-        record = read_calibration(self.path / model / CALIBRATION_FILE)
+        record = read_calibration(artifacts.member(self.path, self.manifest, f"{model}/{CALIBRATION_FILE}"))
         if str(dim) not in record["dims"]:
             raise artifacts.ArtifactError(f"{self.path / model / CALIBRATION_FILE}: no int8 ranges for dim {dim}; "
                                           f"re-run quantize")

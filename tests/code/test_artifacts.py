@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from components.artifacts import MANIFEST, ArtifactError, publish, read_manifest
+from components.artifacts import MANIFEST, ArtifactError, member, publish, read_manifest
 
 KIND, SCHEMA = "curated_pairs", 1
 
@@ -147,3 +147,35 @@ def test_extra_nested_file_named_like_the_manifest_is_detected(artifact: Path) -
     (artifact / "sub" / MANIFEST).write_text("{}")
     with pytest.raises(ArtifactError, match=r"sub/manifest\.json"):
         read_manifest(artifact, kind=KIND, schema_version=SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../outside.txt", "sub/../../outside.txt", "/etc/passwd", "", "sub//audit.txt", "./pairs.txt", "sub/.",
+     "..\\outside.txt", "manifest.json"],
+    ids=["parent", "nested-parent", "absolute", "empty", "empty-part", "dot", "trailing-dot", "backslash", "manifest"],
+)
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
+def test_a_manifest_listing_a_path_outside_the_artifact_is_refused(artifact: Path, name: str, verify: bool) -> None:
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["files"][name] = "0" * 64
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=re.escape(f"{artifact / MANIFEST}: file name {name!r} is not a plain "
+                                                      "relative path inside the artifact") + r".*re-run stage 'curate'"):
+        read_manifest(artifact, kind=KIND, schema_version=SCHEMA, verify=verify)
+
+
+def test_a_manifest_whose_files_is_not_a_mapping_is_refused(artifact: Path) -> None:
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["files"] = ["pairs.txt"]
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"`files` is not a mapping"):
+        read_manifest(artifact, kind=KIND, schema_version=SCHEMA, verify=False)
+
+
+def test_member_gives_listed_files_and_refuses_any_other_name(artifact: Path) -> None:
+    manifest = read_manifest(artifact, kind=KIND, schema_version=SCHEMA)
+    assert member(artifact, manifest, "sub/audit.txt") == artifact / "sub" / "audit.txt"
+    for name in ("../out/curated/pairs.txt", "sub/missing.txt", MANIFEST):
+        with pytest.raises(ArtifactError, match=re.escape(f"{artifact}: no file {name!r} in its manifest")):
+            member(artifact, manifest, name)
