@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.airflow import DAG_ID, AirflowServer, running_airflow, wait_for
+from tests.e2e.airflow_server import DAG_ID, AirflowServer, running_airflow, wait_for
 from tests.e2e.project import SMOKE_RESULTS, run_dvc, save_smoke_results, tracked_copy, use_profile
 
 

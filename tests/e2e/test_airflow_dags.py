@@ -16,7 +16,7 @@ import pytest
 
 from components.artifacts import read_manifest
 from components.cli import STAGES
-from tests.e2e.airflow import DAG_ID, AirflowServer, airflow, airflow_env, wait_for
+from tests.e2e.airflow_server import DAG_ID, AirflowServer, airflow, airflow_env, wait_for
 from tests.e2e.project import assert_same_as_dvc, tracked_copy, use_profile
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.airflow import DAG_ID, AirflowServer
+from tests.e2e.airflow_server import DAG_ID, AirflowServer
 from tests.servers import _server, free_port
 
 pytestmark = pytest.mark.slow
