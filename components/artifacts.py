@@ -8,10 +8,14 @@ content fingerprint before using anything.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -77,7 +81,8 @@ def publish(
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     meta: dict[str, Any] = {"counts": {}, "extra": {}}
     try:
@@ -102,10 +107,62 @@ def publish(
         raise
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Clean up after publishes of `target` that were killed (SIGKILL, OOM, power): their temporary directories
+    are removed, and a previous version moved aside but never replaced is put back. Only directories whose
+    process (the pid in their name) is gone on this machine are touched; returns what was cleaned."""
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)-[0-9a-f]{{8}}$")
+    cleaned = []
+    for path in sorted(target.parent.glob(f".{target.name}.*")) if target.parent.is_dir() else []:
+        match = pattern.match(path.name)
+        if match is None or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not (target.exists() or target.is_symlink()):
+            os.replace(path, target)  # killed between moving the old version aside and moving the new one in
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        cleaned.append(path)
+    return cleaned
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # file systems without RENAME_EXCHANGE
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
 def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Replace `target` by `tmp`; the old version is moved aside first and only deleted once the new one is in."""
+    """Replace `target` by `tmp`. Where the system can, both are exchanged in one atomic step, so `target` is at
+    every instant either the old or the new version; elsewhere the old version is moved aside first and only
+    deleted once the new one is in (a kill in between is repaired by `remove_stale`)."""
+    if target.is_dir() and not target.is_symlink() and _exchange(tmp, target):
+        shutil.rmtree(tmp)  # now the old version
+        return
     if target.exists() or target.is_symlink():
-        retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        retired = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(target, retired)
         os.replace(tmp, target)
         if retired.is_dir() and not retired.is_symlink():

@@ -11,6 +11,7 @@ function only ever sees local `Path`s, and `run_stage` uploads the outputs once 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -36,6 +37,7 @@ log = logging.getLogger("embedforge")
 STAGES = ("curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register")
 EXPECTED_ERRORS = (ConfigError, DataError, ArtifactError, ValidationFailed, FileNotFoundError,
                    storage.StorageError, tracking.TrackingUnavailable)
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # disk full, quota exceeded, read-only file system
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,13 @@ def guarded(entry: Callable[[list[str] | None], None]) -> Callable[[list[str] | 
             entry(argv)
         except EXPECTED_ERRORS as exc:
             log.error("%s", exc)
+            return 2
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            log.error("%s: %s; nothing was published (outputs are as they were before this run) - free space or "
+                      "choose another output location, then re-run", exc.filename or "writing the outputs",
+                      exc.strerror or os.strerror(exc.errno))
             return 2
         return 0
 

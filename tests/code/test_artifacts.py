@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from components.artifacts import MANIFEST, ArtifactError, member, publish, read_manifest
+from components.artifacts import MANIFEST, ArtifactError, member, publish, read_manifest, remove_stale
 
 KIND, SCHEMA = "curated_pairs", 1
 
@@ -179,3 +179,40 @@ def test_member_gives_listed_files_and_refuses_any_other_name(artifact: Path) ->
     for name in ("../out/curated/pairs.txt", "sub/missing.txt", MANIFEST):
         with pytest.raises(ArtifactError, match=re.escape(f"{artifact}: no file {name!r} in its manifest")):
             member(artifact, manifest, name)
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_killed_publish_leaves_a_temporary_dir_that_the_next_publish_removes(artifact: Path) -> None:
+    stale = artifact.parent / f".curated.tmp-{_dead_pid()}-0123abcd"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "pairs.txt").write_text("half written")
+    _publish(artifact, payload="v2")
+    assert [path.name for path in artifact.parent.iterdir()] == ["curated"]
+    assert read_manifest(artifact, kind=KIND, schema_version=SCHEMA).extra == {"note": "v2"}
+
+
+def test_temporary_dirs_of_a_live_process_or_of_another_artifact_are_left_alone(artifact: Path) -> None:
+    import os
+
+    live = artifact.parent / f".curated.tmp-{os.getpid()}-0123abcd"
+    other = artifact.parent / f".curated-2.tmp-{_dead_pid()}-0123abcd"
+    for path in (live, other):
+        path.mkdir()
+    _publish(artifact, payload="v2")
+    assert sorted(path.name for path in artifact.parent.iterdir()) == sorted(["curated", live.name, other.name])
+
+
+def test_a_previous_version_moved_aside_by_a_killed_publish_is_put_back(artifact: Path) -> None:
+    before = _snapshot(artifact)
+    retired = artifact.parent / f".curated.old-{_dead_pid()}-0123abcd"
+    artifact.rename(retired)  # killed between moving the old version aside and moving the new one in
+    assert remove_stale(artifact) == [retired]
+    assert _snapshot(artifact) == before and not retired.exists()
+    read_manifest(artifact, kind=KIND, schema_version=SCHEMA)
