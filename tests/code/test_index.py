@@ -84,3 +84,27 @@ def test_rescoring_ignores_missing_candidates() -> None:
     documents = np.eye(3, dtype=np.float32)
     scores, ids = rescore(documents[:1], np.array([[-1, 2, 0, -1]]), documents, 3)
     assert ids.tolist() == [[0, 2, -1]] and scores[0, 0] == 1.0 and scores[0, 2] == -np.inf
+
+
+def test_index_names_from_the_manifest_or_records_cannot_reach_outside_the_artifact(
+    retrieval_stack: dict[str, Path], tmp_path: Path
+) -> None:
+    import dataclasses
+    import json
+    import re
+    import shutil
+
+    from components.artifacts import MANIFEST, ArtifactError
+
+    copy = tmp_path / "index"
+    shutil.copytree(retrieval_stack["index"], copy)
+    (tmp_path / "outside.json").write_text("{}")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["extra"]["indexes"][0] = "../outside.faiss"  # extra is not hashed: only the names it lists are trusted
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=re.escape(f"{copy}: no file '../outside.json' in its manifest")):
+        load_indexes(copy)
+    indexes = load_indexes(retrieval_stack["index"])
+    escaping = dataclasses.replace(indexes.records[0], file="../quantized/student/float32.npy")
+    with pytest.raises(ArtifactError, match=r"no file '\.\./quantized/student/float32\.npy' in its manifest"):
+        read_index(indexes, escaping)
