@@ -171,3 +171,44 @@ def test_env_credentials_reach_neither_mlflow_params_nor_tags_nor_the_console(tm
     logged = json.dumps([params, tags])
     assert secret not in logged and key_id not in logged
     assert secret not in done.stdout + done.stderr and key_id not in done.stdout + done.stderr
+
+
+SECRET_PATTERNS = (
+    re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key ids
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    # a credential-named key set to a long token of letters and digits (not a placeholder, a name or a path)
+    re.compile(r"(?i)(secret|password|token)[\w-]*[\"']?\s*[:=]\s*[\"']?(?!\$\{|placeholder|change-me)"
+               r"(?=[\w/+=-]*\d)(?=[\w/+=-]*[A-Za-z])[A-Za-z0-9+_=-][\w/+=-]{19,}"),
+)
+
+
+def committed_secrets(text: str, name: str) -> list[str]:
+    return [f"{name}:{text.count(chr(10), 0, match.start()) + 1}: {match.group(0)[:12]}..."
+            for pattern in SECRET_PATTERNS for match in pattern.finditer(text)]
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [("aws_access_key_id = AKIAABCDEFGHIJKLMNOP", True), ("AWS_SECRET_ACCESS_KEY: wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY", True),
+     ("-----BEGIN OPENSSH PRIVATE KEY-----", True), ("AWS_SECRET_ACCESS_KEY: placeholder-secret-access-key", False),
+     ("POSTGRES_PASSWORD=change-me-postgres-password", False), ("password: ${POSTGRES_PASSWORD:?set it}", False),
+     ("credentials_secret: embedforge-credentials", False), ("PASSWORDS_FILE: /opt/airflow/auth/passwords", False),
+     ("MLFLOW_TRACKING_TOKEN=ghp_0123456789abcdefABCDEF0123456789abcd", True)],
+)
+def test_the_secret_scanner_finds_keys_and_passes_placeholders(text: str, found: bool) -> None:
+    assert bool(committed_secrets(text, "f")) is found
+
+
+def test_no_credentials_are_committed_outside_the_tests() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    findings = []
+    for name in tracked.splitlines():
+        path = REPO_ROOT / name
+        if name.startswith("tests/") or not path.is_file() or path.stat().st_size > 1 << 20:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # binary
+        findings += committed_secrets(text, name)
+    assert findings == []
