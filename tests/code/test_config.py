@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from components.config import (
     ConfigError,
@@ -207,3 +209,43 @@ def test_dvc_stage_depends_on_exactly_the_params_sections_it_reads(stage: str) -
     assert all(stage in section for section in _real_params()["profiles"].values())
     assert f"python -m components.{stage} " in spec["cmd"]
     assert "--params params.yaml" in spec["cmd"]
+
+
+PARAM_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12)),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=6,
+)
+SECTION = st.one_of(
+    st.dictionaries(st.sampled_from([*CurateConfig.model_fields, "epz"]), PARAM_VALUES, max_size=4),
+    PARAM_VALUES,
+)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(SECTION, st.one_of(st.none(), st.sampled_from(["default", "smoke", "nope"]), PARAM_VALUES),
+       st.one_of(st.none(), PARAM_VALUES))
+def test_any_params_file_gives_a_config_or_a_config_error_naming_the_file(
+    tmp_path: Path, section: object, profile: object, profiles: object
+) -> None:
+    path = tmp_path / "params.yaml"
+    document = {"curate": section} | ({"profile": profile} if profile is not None else {}) | (
+        {"profiles": profiles} if profiles is not None else {})
+    path.write_text(yaml.safe_dump(document, allow_unicode=True))
+    try:
+        config = load_stage_config(CurateConfig, "curate", path)
+    except ConfigError as exc:
+        assert str(path) in str(exc), str(exc)
+    else:
+        assert isinstance(config, CurateConfig)
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=200))
+def test_any_bytes_as_params_file_give_a_config_or_a_config_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    try:
+        load_stage_config(CurateConfig, "curate", path)
+    except ConfigError as exc:
+        assert str(path) in str(exc), str(exc)
