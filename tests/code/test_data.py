@@ -37,6 +37,10 @@ BAD_JSONL = [
     ("id-is-null", _line(id=None, query=QUERY, positive=POSITIVE) + b"\n", 1, r"field 'id' must be a string"),
     ("unknown-field", _line(query=QUERY, positive=POSITIVE, score=3) + b"\n", 1, r"unknown field\(s\) \['score'\]"),
     ("blank-lines-are-counted", VALID + b"\n\n\n" + b"{oops\n", 4, r"malformed JSON"),
+    ("huge-line", VALID + b"\n" + b'{"query": "' + b"x" * (1 << 20) + b'", "positive": "p"}\n', 2,
+     r"line longer than 1048576 bytes"),
+    ("invisible-only-text", _line(query="\u200b\u2060\ufeff", positive=POSITIVE) + b"\n", 1,
+     r"field 'query' is empty \(nothing but whitespace, control or invisible characters\)"),
 ]
 
 
@@ -320,25 +324,6 @@ def test_arbitrary_bytes_in_a_beir_file_never_raise_anything_but_data_error_nami
     else:
         assert dataset.qrels and all(query in dataset.queries for query in dataset.qrels)
         assert all(doc in dataset.corpus for docs in dataset.qrels.values() for doc in docs)
-
-
-@pytest.mark.parametrize(
-    ("content", "line", "expected"),
-    [
-        pytest.param(VALID + b"\n" + b'{"query": "' + b"x" * (1 << 20) + b'", "positive": "p"}\n', 2,
-                     r"line longer than 1048576 bytes", id="huge-line"),
-        pytest.param(_line(query="\u200b\u2060\ufeff", positive=POSITIVE) + b"\n", 1,
-                     r"field 'query' is empty \(nothing but whitespace, control or invisible characters\)",
-                     id="invisible-only-text"),
-    ],
-)
-def test_huge_line_and_invisible_text_are_errors_naming_the_line(
-    tmp_path: Path, content: bytes, line: int, expected: str
-) -> None:
-    path = tmp_path / "pairs.jsonl"
-    path.write_bytes(content)
-    with pytest.raises(DataError, match=re.escape(f"{path}:{line}: ") + expected):
-        read_pairs(path)
 
 
 def test_a_line_of_exactly_the_limit_is_read(tmp_path: Path) -> None:
