@@ -4,8 +4,9 @@ Each stage module owns its argv parsing in `main(argv)`; this module gives them 
 tracking, the metrics file and one place that turns expected failures into a clear message and exit code 2.
 
 Path arguments that may be `s3://` URIs are declared with the argparse types below (`artifact_in`, `file_in`,
-`artifact_out`); `parse_stage_args` turns them into local paths (downloading inputs), so a stage's entry
-function only ever sees local `Path`s, and `run_stage` uploads the outputs once the work has succeeded.
+`artifact_out`); `parse_stage_args` turns them into local paths (downloading inputs) and checks every
+input artifact's manifest (kind, schema version, content) before any work, so a stage's entry function only
+ever sees local, verified `Path`s, and `run_stage` uploads the outputs once the work has succeeded.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from components import storage, tracking
-from components.artifacts import ArtifactError
+from components.artifacts import MANIFEST, ArtifactError, read_manifest
 from components.config import PARAMS_FILE, ConfigError, ConfigT, load_stage_config, parse_overrides
 from components.data import DataError
 from components.validation import ValidationFailed
@@ -46,20 +47,32 @@ class Location:
 
     given: str
     role: Literal["artifact_in", "file_in", "artifact_out"]
+    kind: tuple[str, int] | None = None  # an input artifact's expected manifest kind and schema version
+    manifest_optional: bool = False  # a plain directory without a manifest is accepted too
 
 
-def _location(text: str, role: Literal["artifact_in", "file_in", "artifact_out"]) -> Location:
+def _location(text: str, role: Literal["artifact_in", "file_in", "artifact_out"], **checks: Any) -> Location:
     if storage.is_s3(text):
         try:
             storage.S3Uri.parse(text)
         except storage.StorageError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-    return Location(text, role)
+    return Location(text, role, **checks)
 
 
-def artifact_in(text: str) -> Location:
-    """argparse type: an input artifact directory, local or `s3://bucket/prefix` (fetched, verified)."""
-    return _location(text, "artifact_in")
+def artifact_in(kind: str, schema_version: int, *, manifest_optional: bool = False) -> Callable[[str], Location]:
+    """argparse type for an input artifact directory of `kind`, local or `s3://bucket/prefix` (fetched).
+
+    `prepare_stage` checks its manifest (kind, schema version, every file's sha256) before the stage starts,
+    so a wrong or tampered input is refused in seconds, by every stage in the same words. With
+    `manifest_optional`, a local directory without a manifest (a BEIR set from elsewhere, say) is let through
+    for the stage's own reader to check.
+    """
+    def parse(text: str) -> Location:
+        return _location(text, "artifact_in", kind=(kind, schema_version), manifest_optional=manifest_optional)
+
+    parse.__name__ = f"{kind} artifact"  # argparse names the type in its error messages
+    return parse
 
 
 def file_in(text: str) -> Location:
@@ -112,10 +125,12 @@ def configure_logging(verbose: bool) -> None:
 
 
 def parse_stage_args(
-    parser: argparse.ArgumentParser, argv: list[str] | None, model: type[ConfigT], stage: str
+    parser: argparse.ArgumentParser, argv: list[str] | None, model: type[ConfigT], stage: str,
+    args: argparse.Namespace | None = None,
 ) -> tuple[argparse.Namespace, ConfigT]:
-    """Parse argv, configure logging, and validate the stage's config before any work starts."""
-    args = parser.parse_args(argv)
+    """Parse argv (unless already parsed into `args`), configure logging, and validate the stage's config and
+    inputs before any work starts."""
+    args = parser.parse_args(argv) if args is None else args
     configure_logging(args.verbose)
     config = load_stage_config(model, stage, args.params, args.profile, parse_overrides(args.overrides))
     prepare_stage(args)
@@ -125,9 +140,9 @@ def parse_stage_args(
 def prepare_stage(args: argparse.Namespace) -> None:
     """Check the tracking server answers, then turn every `Location` argument into a local `Path`.
 
-    Inputs on S3 are fetched into the local cache; S3 outputs get a temporary local path and are recorded in
-    `args.staging` for `run_stage` to upload. Runs before any work, so a dead server or a missing input
-    fails in seconds.
+    Inputs on S3 are fetched into the local cache; every input artifact's manifest is checked; S3 outputs get
+    a temporary local path and are recorded in `args.staging` for `run_stage` to upload. Runs before any work,
+    so a dead server or a missing, wrong or tampered input fails in seconds.
     """
     if not args.no_tracking:
         tracking.check_server()
@@ -143,6 +158,9 @@ def prepare_stage(args: argparse.Namespace) -> None:
             local = storage.fetch_file(value.given)
         else:
             local = staging.output_path(value.given)
+        if value.kind is not None and not (value.manifest_optional and not (local / MANIFEST).exists()):
+            kind, schema_version = value.kind
+            read_manifest(local, kind=kind, schema_version=schema_version)
         setattr(args, name, local)
     args.staging = staging
 

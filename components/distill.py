@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 
 from components import artifacts
 from components.config import ConfigError, StageConfig, params_digest
+from components.curate import CURATED_KIND, CURATED_SCHEMA
 from components.mine import MINED_KIND, MINED_SCHEMA
 from components.train import MODEL_KIND, MODEL_SCHEMA, dev_evaluator, publish_model, training_arguments
 
@@ -185,9 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--teacher", type=artifact_in, default="models/teacher", help="teacher model artifact")
-    parser.add_argument("--mined", type=artifact_in, default="data/mined", help="mined pairs artifact")
-    parser.add_argument("--curated", type=artifact_in, default="data/curated", help="curated pairs (dev split)")
+    parser.add_argument("--teacher", type=artifact_in(MODEL_KIND, MODEL_SCHEMA),
+                        default="models/teacher", help="teacher model artifact")
+    parser.add_argument("--mined", type=artifact_in(MINED_KIND, MINED_SCHEMA),
+                        default="data/mined", help="mined pairs artifact")
+    parser.add_argument("--curated", type=artifact_in(CURATED_KIND, CURATED_SCHEMA),
+                        default="data/curated", help="curated pairs (dev split)")
     parser.add_argument("--output", type=artifact_out, default="models/student", help="student model artifact")
     parser.add_argument("--checkpoints", type=local_path, default=Path("checkpoints/student"), help="checkpoint dir")
     parser.add_argument("--metrics", type=local_path, default=Path("metrics/distill.json"), help="metrics JSON for DVC")

@@ -28,10 +28,18 @@ from pydantic import Field
 
 from components import artifacts
 from components.config import StageConfig, params_digest
+from components.curate import BEIR_KIND, BEIR_SCHEMA
 from components.data import BeirDataset, read_beir
 from components.embed import truncate
 from components.index import INDEX_KIND, INDEX_SCHEMA, IndexRecord, IndexSet, load_indexes, read_index
-from components.quantize import QuantizedCorpus, binary_codes, dequantize_int8, load_quantized
+from components.quantize import (
+    QUANTIZED_KIND,
+    QUANTIZED_SCHEMA,
+    QuantizedCorpus,
+    binary_codes,
+    dequantize_int8,
+    load_quantized,
+)
 
 log = logging.getLogger(__name__)
 
@@ -450,9 +458,13 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--beir", type=artifact_in, default="data/beir/debian-test", help="BEIR directory (queries, qrels)")
-    parser.add_argument("--quantized", type=artifact_in, default="data/quantized", help="quantize artifact")
-    parser.add_argument("--index", type=artifact_in, default="data/index", help="index artifact")
+    parser.add_argument("--beir", type=artifact_in(BEIR_KIND, BEIR_SCHEMA, manifest_optional=True),
+                        default="data/beir/debian-test",
+                        help="BEIR directory (queries, qrels): curate's artifact, or any BEIR directory with --model")
+    parser.add_argument("--quantized", type=artifact_in(QUANTIZED_KIND, QUANTIZED_SCHEMA),
+                        default="data/quantized", help="quantize artifact")
+    parser.add_argument("--index", type=artifact_in(INDEX_KIND, INDEX_SCHEMA),
+                        default="data/index", help="index artifact")
     parser.add_argument("--output", type=artifact_out, default="data/evaluation",
                         help="evaluation artifact (grid + operating point) for the register stage")
     parser.add_argument("--model", action="append", default=None, metavar="[NAME=]PATH",
@@ -462,12 +474,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="Markdown report; its PNG plots are written beside it")
     parser.add_argument("--plots", type=local_path, default=Path("plots"), help="folder of CSV plot data for DVC")
     args = parser.parse_args(argv)
+    if args.model:  # quick mode reads --beir and the models only: the pipeline's artifacts are no inputs then
+        args.quantized = args.index = args.output = None
     if args.model and not args.params.is_file():  # quick mode also works outside a project, on defaults
         configure_logging(args.verbose)
         config = EvaluateConfig()
         prepare_stage(args)
     else:
-        args, config = parse_stage_args(parser, argv, EvaluateConfig, STAGE)
+        args, config = parse_stage_args(parser, argv, EvaluateConfig, STAGE, args)
 
     def quick() -> StageOutcome:
         metrics = evaluate_models(_models_from_argv(args.model), args.beir, config)

@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--quantized", type=artifact_in, default="data/quantized", help="quantize artifact")
+    parser.add_argument("--quantized", type=artifact_in(QUANTIZED_KIND, QUANTIZED_SCHEMA),
+                        default="data/quantized", help="quantize artifact")
     parser.add_argument("--output", type=artifact_out, default="data/index", help="index artifact")
     parser.add_argument("--metrics", type=local_path, default=Path("metrics/index.json"), help="metrics JSON for DVC")
     args, config = parse_stage_args(parser, argv, IndexConfig, STAGE)

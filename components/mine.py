@@ -255,8 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--curated", type=artifact_in, default="data/curated", help="curated pairs artifact")
-    parser.add_argument("--embeddings", type=artifact_in, default="data/embeddings/base",
+    parser.add_argument("--curated", type=artifact_in(CURATED_KIND, CURATED_SCHEMA),
+                        default="data/curated", help="curated pairs artifact")
+    parser.add_argument("--embeddings", type=artifact_in(EMBEDDINGS_KIND, EMBEDDINGS_SCHEMA),
+                        default="data/embeddings/base",
                         help="base-model passage embeddings artifact from curate")
     parser.add_argument("--output", type=artifact_out, default="data/mined", help="mined pairs artifact")
     parser.add_argument("--metrics", type=local_path, default=Path("metrics/mine.json"), help="metrics JSON for DVC")

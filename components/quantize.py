@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 
 from components import artifacts, storage
 from components.config import ConfigError, StageConfig, params_digest
-from components.curate import CURATED_KIND, CURATED_SCHEMA
+from components.curate import BEIR_KIND, BEIR_SCHEMA, CURATED_KIND, CURATED_SCHEMA
 from components.data import read_beir
 from components.embed import truncate
 from components.train import MODEL_KIND, MODEL_SCHEMA
@@ -259,8 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--beir", type=artifact_in, default="data/beir/debian-test", help="BEIR dir whose corpus is embedded")
-    parser.add_argument("--curated", type=artifact_in, default="data/curated", help="curated pairs (calibration sample)")
+    parser.add_argument("--beir", type=artifact_in(BEIR_KIND, BEIR_SCHEMA),
+                        default="data/beir/debian-test", help="BEIR dir whose corpus is embedded")
+    parser.add_argument("--curated", type=artifact_in(CURATED_KIND, CURATED_SCHEMA),
+                        default="data/curated", help="curated pairs (calibration sample)")
     parser.add_argument("--output", type=artifact_out, default="data/quantized", help="quantized embeddings artifact")
     parser.add_argument("--metrics", type=local_path, default=Path("metrics/quantize.json"), help="metrics JSON for DVC")
     args, config = parse_stage_args(parser, argv, QuantizeConfig, STAGE)

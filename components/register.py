@@ -20,7 +20,14 @@ from pydantic import Field
 from components import artifacts
 from components.config import ConfigError, StageConfig
 from components.evaluate import EVALUATION_KIND, EVALUATION_SCHEMA
-from components.quantize import CALIBRATION_FILE, load_quantized, model_fingerprint
+from components.quantize import (
+    CALIBRATION_FILE,
+    QUANTIZED_KIND,
+    QUANTIZED_SCHEMA,
+    load_quantized,
+    model_fingerprint,
+)
+from components.train import MODEL_KIND, MODEL_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--student", type=artifact_in, default="models/student", help="student model artifact")
-    parser.add_argument("--quantized", type=artifact_in, default="data/quantized", help="quantize artifact (calibration)")
-    parser.add_argument("--evaluation", type=artifact_in, default="data/evaluation", help="evaluation artifact")
+    parser.add_argument("--student", type=artifact_in(MODEL_KIND, MODEL_SCHEMA, manifest_optional=True),
+                        default="models/student",
+                        help="student model: distill's artifact, or a sentence-transformers model directory")
+    parser.add_argument("--quantized", type=artifact_in(QUANTIZED_KIND, QUANTIZED_SCHEMA),
+                        default="data/quantized", help="quantize artifact (calibration)")
+    parser.add_argument("--evaluation", type=artifact_in(EVALUATION_KIND, EVALUATION_SCHEMA),
+                        default="data/evaluation", help="evaluation artifact")
     parser.add_argument("--metrics", type=local_path, default=Path("metrics/register.json"), help="metrics JSON for DVC")
     args, config = parse_stage_args(parser, argv, RegisterConfig, STAGE)
     paths = RegisterPaths(student=args.student, quantized=args.quantized, evaluation=args.evaluation)

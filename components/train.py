@@ -293,8 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--mined", type=artifact_in, default="data/mined", help="mined pairs artifact")
-    parser.add_argument("--curated", type=artifact_in, default="data/curated", help="curated pairs (dev split)")
+    parser.add_argument("--mined", type=artifact_in(MINED_KIND, MINED_SCHEMA),
+                        default="data/mined", help="mined pairs artifact")
+    parser.add_argument("--curated", type=artifact_in(CURATED_KIND, CURATED_SCHEMA),
+                        default="data/curated", help="curated pairs (dev split)")
     parser.add_argument("--output", type=artifact_out, default="models/teacher", help="teacher model artifact")
     parser.add_argument("--checkpoints", type=local_path, default=Path("checkpoints/teacher"),
                         help="checkpoint dir; a re-run with the same params resumes from it")
