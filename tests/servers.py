@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +31,9 @@ from typing import Any
 import pytest
 
 BIN = Path(sys.executable).parent
-TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+# Fresh each session and unlike any other text, so that a test can search logs and stores for the secret.
+TEST_SECRET_KEY = f"embedforge-test-secret-{secrets.token_hex(12)}"
+TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
                     "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -94,7 +99,8 @@ class S3Server:
     def client(self) -> Any:
         import boto3
 
-        return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+        return boto3.session.Session(aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                     aws_secret_access_key=TEST_SECRET_KEY,
                                      region_name="us-east-1").client("s3", endpoint_url=self.endpoint)
 
     def create_bucket(self, name: str) -> str:
@@ -183,3 +189,64 @@ def mlflow_server(moto_server: S3Server, tmp_path_factory: pytest.TempPathFactor
     """A real `mlflow server` (SQLite store, artifacts on `moto_server`), for the whole session."""
     with running_mlflow(moto_server, tmp_path_factory.mktemp("mlflow-server"), "embedforge-mlflow") as server:
         yield server
+
+
+class StoppingProxy:
+    """A TCP proxy to a server that stops: after it has forwarded `stop_after_puts` HTTP PUT requests it drops
+    every open connection and stops listening, as a crashed server does, while the server behind it (and what
+    it stored) lives on for the test to inspect. `endpoint` is what the client under test uses."""
+
+    def __init__(self, upstream_port: int, stop_after_puts: int) -> None:
+        self.stop_after_puts = stop_after_puts
+        self.puts = 0
+        self.stopped = threading.Event()
+        self._upstream = ("127.0.0.1", upstream_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = [self._listener]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self.stopped.is_set():  # accepted while stopping: a dead server never answers it
+                    self._reset(client)
+                    return
+                upstream = socket.create_connection(self._upstream)
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, from_client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                if from_client and chunk.startswith(b"PUT "):
+                    with self._lock:
+                        if self.stopped.is_set():
+                            return
+                        self.puts += 1
+                        if self.puts > self.stop_after_puts:
+                            self.stop()
+                            return
+                target.sendall(chunk)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def stop(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        self.stopped.set()
+        for sock in self._sockets:
+            self._reset(sock)
+
+    @staticmethod
+    def _reset(sock: socket.socket) -> None:
+        """Shut down first: that wakes a thread blocked on the socket, which a plain close does not."""
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()

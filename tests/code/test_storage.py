@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from components import storage
 from components.artifacts import MANIFEST, ArtifactError, publish, read_manifest
 from components.cli import Location, artifact_in, artifact_out, local_path, prepare_stage
-from tests.servers import S3Server, free_port, moto_server, s3_env  # noqa: F401  (pytest fixtures)
+from tests.servers import S3Server, StoppingProxy, free_port, moto_server, s3_env  # noqa: F401  (pytest fixtures)
 
 KIND, SCHEMA = "curated_pairs", 1
 BUCKET = "embedforge-unit"
@@ -90,6 +92,27 @@ def test_a_failing_upload_leaves_no_manifest_so_readers_refuse_the_prefix(
     assert _keys(s3_env, prefix) == {"a.txt", "b.txt"}  # new a.txt, old b.txt: a mix no reader may trust
     with pytest.raises(ArtifactError, match="no manifest.json"):
         storage.fetch_artifact(prefix)
+
+
+def test_the_server_stopping_mid_upload_gives_bounded_retries_then_a_clear_error_and_no_artifact(
+        s3_env: S3Server, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage.upload_artifact(_publish(tmp_path / "v1", {"a.txt": "old a", "b.txt": "old b"}), prefix)
+    v2 = _publish(tmp_path / "v2", {name: name * 100_000 for name in ("a.txt", "b.txt", "c.txt", "d.txt")})
+    proxy = StoppingProxy(urlsplit(s3_env.endpoint).port or 0, stop_after_puts=2)  # dies on the third file
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError, match=rf"{prefix}: .*uploading the artifact") as error:
+        storage.upload_artifact(v2, prefix)
+    assert proxy.stopped.is_set() and proxy.puts == 3
+    assert time.monotonic() - started < 30, "retries must be bounded, not wait on a dead server"
+    assert "cannot reach the S3 endpoint" in str(error.value) and "the server is up" in str(error.value)
+    assert MANIFEST not in _keys(s3_env, prefix)  # the server behind the proxy: nothing published
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        storage.fetch_artifact(prefix)
+    storage.upload_artifact(v2, prefix)  # the server is back: the same local artifact goes up whole
+    assert _tree(storage.fetch_artifact(prefix)) == _tree(v2)
 
 
 def test_a_new_version_replaces_the_old_one_without_leftovers(s3_env: S3Server, prefix: str, tmp_path: Path) -> None:
@@ -187,12 +210,13 @@ def test_metrics_and_plots_must_be_local_paths() -> None:
 
 def test_a_stage_sees_local_paths_and_its_s3_outputs_are_uploaded_after_its_work(
         s3_env: S3Server, prefix: str, tmp_path: Path) -> None:
-    from components.cli import run_stage, StageOutcome
+    from components.cli import StageOutcome, run_stage
 
     storage.upload_artifact(_publish(tmp_path / "curated", {"a.txt": "1"}), prefix)
     output = prefix.replace("/curated", "/mined")
-    args = argparse.Namespace(curated=artifact_in(prefix), output=artifact_out(output),
-                              local=artifact_in(str(tmp_path / "curated")), no_tracking=True)
+    curated = artifact_in(KIND, SCHEMA)
+    args = argparse.Namespace(curated=curated(prefix), output=artifact_out(output),
+                              local=curated(str(tmp_path / "curated")), no_tracking=True)
     prepare_stage(args)
     assert not any(isinstance(value, Location) for value in vars(args).values())
     assert args.local == tmp_path / "curated"

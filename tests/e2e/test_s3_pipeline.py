@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.project import REPO, tracked_copy
-from tests.servers import MlflowServer, S3Server, mlflow_server, moto_server  # noqa: F401  (pytest fixtures)
+from tests.e2e.project import REPO, pipeline_runs, tracked_copy
+from tests.servers import TEST_SECRET_KEY, MlflowServer, S3Server, mlflow_server, moto_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +71,7 @@ class S3Run:
     root: str  # s3://bucket/prefix of this run
     pipeline_run: str
     seconds: dict[str, float]
+    logs: str  # every stage's stdout and stderr
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +87,18 @@ def s3_run(moto_server: S3Server, mlflow_server: MlflowServer,
            "EMBEDFORGE_PIPELINE_RUN": f"s3-smoke-{run_id}",
            "EMBEDFORGE_CACHE_DIR": str(tmp_path_factory.mktemp("s3-cache"))}
     env.pop("AWS_PROFILE", None)
-    seconds = {}
+    seconds, logs = {}, []
     for stage, argv in stage_argv(root).items():
         started = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", f"components.{stage}", "--params", "params.yaml",
                                  "--profile", "smoke", *argv], cwd=project, env=env, capture_output=True, text=True,
                                 timeout=900)
         seconds[stage] = time.perf_counter() - started
+        logs += [result.stdout, result.stderr]
         assert result.returncode == 0, f"{stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     print(f"smoke pipeline on S3 + MLflow server: {sum(seconds.values()):.0f}s "
           f"({', '.join(f'{stage} {s:.0f}s' for stage, s in seconds.items())})")
-    yield S3Run(project, root, f"s3-smoke-{run_id}", seconds)
+    yield S3Run(project, root, f"s3-smoke-{run_id}", seconds, "\n".join(logs))
 
 
 def _manifest(server: S3Server, run: S3Run, artifact: str) -> dict[str, Any]:
@@ -140,18 +142,8 @@ def client(mlflow_server: MlflowServer) -> Any:
     return MlflowClient(mlflow_server.uri)
 
 
-def _runs(client: Any, run: S3Run) -> tuple[Any, dict[str, Any]]:
-    experiment = client.get_experiment_by_name("embedforge")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("embedforge.pipeline_key") == run.pipeline_run]
-    assert len(parents) == 1
-    children = {r.data.tags["embedforge.stage"]: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    return parents[0], children
-
-
 def test_the_server_holds_one_parent_run_with_a_finished_nested_run_per_stage(s3_run: S3Run, client: Any) -> None:
-    parent, children = _runs(client, s3_run)
+    parent, children = pipeline_runs(client, s3_run.pipeline_run)
     assert set(children) == set(STAGES)
     assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children.values())
     assert parent.data.tags["embedforge.snapshot_sha256"] == children["curate"].data.tags["embedforge.data_fingerprint"]
@@ -160,7 +152,7 @@ def test_the_server_holds_one_parent_run_with_a_finished_nested_run_per_stage(s3
 
 def test_the_server_has_the_evaluation_metrics_and_the_report_on_s3(
         s3_run: S3Run, client: Any, mlflow_server: MlflowServer, moto_server: S3Server, tmp_path: Path) -> None:
-    _, children = _runs(client, s3_run)
+    _, children = pipeline_runs(client, s3_run.pipeline_run)
     evaluate = children["evaluate"]
     local = json.loads((s3_run.project / "metrics/evaluate.json").read_text())
     assert evaluate.data.metrics["student/d384/float_flat/ndcg_at_10"] == pytest.approx(
@@ -176,10 +168,29 @@ def test_the_server_has_the_evaluation_metrics_and_the_report_on_s3(
 
 def test_the_server_registers_the_student_as_champion_with_its_weights_on_s3(
         s3_run: S3Run, client: Any, mlflow_server: MlflowServer, moto_server: S3Server) -> None:
-    _, children = _runs(client, s3_run)
+    _, children = pipeline_runs(client, s3_run.pipeline_run)
     champion = client.get_model_version_by_alias("embedforge-student", "champion")
     assert champion.run_id == children["register"].info.run_id
     assert champion.tags["embedforge.gate"] == "passed"
     assert children["register"].data.metrics["gate/promoted"] == 1.0
     bucket, _, prefix = mlflow_server.artifacts.removeprefix("s3://").partition("/")
     assert any(key.endswith("model.safetensors") for key in moto_server.keys(bucket, prefix + "/"))
+
+
+def test_the_s3_secret_key_appears_in_no_log_tracked_value_or_written_file(
+        s3_run: S3Run, client: Any, mlflow_server: MlflowServer, moto_server: S3Server) -> None:
+    assert TEST_SECRET_KEY in str(moto_server.env.values())  # the key the stages and servers really used
+    assert "uploaded" in s3_run.logs and TEST_SECRET_KEY not in s3_run.logs
+    for log in (mlflow_server.log, moto_server.log):
+        assert TEST_SECRET_KEY not in log.read_text(errors="replace"), log
+    parent, children = pipeline_runs(client, s3_run.pipeline_run)
+    for run in [parent, *children.values()]:
+        tracked = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        assert TEST_SECRET_KEY not in tracked, run.data.tags.get("embedforge.stage", "parent")
+    written = [path for path in s3_run.project.rglob("*") if path.is_file() and ".git" not in path.parts]
+    assert written and not [path for path in written if TEST_SECRET_KEY.encode() in path.read_bytes()]
+    prefix = s3_run.root.removeprefix(f"s3://{BUCKET}/")
+    manifests = [key for key in moto_server.keys(BUCKET, prefix + "/") if key.endswith("/manifest.json")]
+    assert len(manifests) == len(ARTIFACTS)
+    for key in manifests:
+        assert TEST_SECRET_KEY.encode() not in moto_server.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
