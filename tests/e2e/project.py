@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -42,14 +43,22 @@ def use_profile(project: Path, profile: str) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`dvc ARGS` in `project` with this interpreter's venv first on PATH and the local MLflow store."""
+def dvc_command(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "dvc"), *args]
+
+
+def dvc_env() -> dict[str, str]:
+    """This interpreter's venv first on PATH, no model downloads, and the project's local MLflow store."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("EMBEDFORGE_PIPELINE_RUN", None)
-    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return env
+
+
+def run_dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`dvc ARGS` in `project`, in `dvc_env()`."""
+    return subprocess.run(dvc_command(*args), cwd=project, env=dvc_env(), capture_output=True, text=True, timeout=900)
 
 
 def save_smoke_results(project: Path) -> Path:
@@ -77,3 +86,15 @@ def assert_same_as_dvc(results: Path, artifacts: dict[str, Path], grid_file: Pat
     for row in json.loads(grid_file.read_text()):
         key = f"{row['model']}/d{row['dim']}/{row['index']}{'_rescore' if row['rescored'] else ''}/ndcg@10"
         assert row["ndcg_at_10"] == pytest.approx(dvc_metrics[key], abs=1e-4), key
+
+
+def pipeline_runs(client: Any, pipeline_key: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The one MLflow pipeline run in the store (the one with `pipeline_key`, if given) and its nested runs by stage."""
+    experiment = client.get_experiment_by_name("embedforge")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [run for run in runs if run.data.tags.get("embedforge.role") == "pipeline"
+               and pipeline_key in (None, run.data.tags.get("embedforge.pipeline_key"))]
+    assert len(parents) == 1, f"expected one pipeline run {pipeline_key or ''}, found {len(parents)}"
+    children = {run.data.tags["embedforge.stage"]: run for run in runs
+                if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    return parents[0], children

@@ -17,7 +17,7 @@ import pytest
 from components.artifacts import read_manifest
 from components.cli import STAGES
 from tests.e2e.airflow_server import DAG_ID, AirflowServer, airflow, airflow_env, wait_for
-from tests.e2e.project import assert_same_as_dvc, tracked_copy, use_profile
+from tests.e2e.project import assert_same_as_dvc, pipeline_runs, tracked_copy, use_profile
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +27,11 @@ def json_output(text: str) -> Any:
     return json.loads(text.strip().splitlines()[-1])
 
 
-def pipeline_runs(project: Path, pipeline_run: str) -> tuple[Any, dict[str, Any]]:
-    """The MLflow parent run of one DAG run and its nested runs by stage."""
+def dag_pipeline_runs(project: Path, pipeline_key: str) -> tuple[Any, dict[str, Any]]:
+    """The MLflow parent run of one DAG run and its nested runs by stage, from the project's local store."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("embedforge")
-    runs = client.search_runs([experiment.experiment_id])
-    parent = next(run for run in runs if run.data.tags.get("embedforge.role") == "pipeline"
-                  and run.data.tags.get("embedforge.pipeline_key") == pipeline_run)
-    children = {run.data.tags["embedforge.stage"]: run for run in runs
-                if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    return parent, children
+    return pipeline_runs(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), pipeline_key)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def test_dags_test_publishes_every_artifact_and_tracks_one_mlflow_run_per_dag_ru
         read_manifest(run_dir / path, kind=kind, schema_version=1)
     assert "## Operating point" in (run_dir / "reports/evaluation.md").read_text()
     assert {path.stem for path in (run_dir / "metrics").iterdir()} == set(STAGES)
-    parent, children = pipeline_runs(project, f"{DAG_ID}/{run_id}")
+    parent, children = dag_pipeline_runs(project, f"{DAG_ID}/{run_id}")
     assert set(children) == set(STAGES)
     assert children["register"].data.metrics["gate/promoted"] == 1.0
 
@@ -95,7 +88,7 @@ def test_a_run_triggered_through_the_rest_api_succeeds_with_its_conf(airflow_ser
     assert {states[f"local.{stage}"] for stage in STAGES} == {"success"}
     plan = airflow_server.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/plan/xcomEntries/return_value")
     assert "eps=0.1" in json.dumps(plan["value"])
-    _, children = pipeline_runs(airflow_server.project, f"{DAG_ID}/{run_id}")
+    _, children = dag_pipeline_runs(airflow_server.project, f"{DAG_ID}/{run_id}")
     assert children["curate"].data.params["eps"] == "0.1"  # the trigger's conf reached the stage
     events = airflow_server.api("GET", "/assets/events", params={"source_dag_id": DAG_ID})["asset_events"]
     assert any(event["source_run_id"] == run_id and event["extra"].get("mlflow_run_id") for event in events)

@@ -15,7 +15,7 @@ import yaml
 
 from components.artifacts import read_manifest
 from components.data import read_beir
-from tests.e2e.project import run_dvc
+from tests.e2e.project import dvc_command, dvc_env, pipeline_runs, run_dvc
 
 pytestmark = pytest.mark.slow
 
@@ -81,13 +81,7 @@ def test_smoke_repro_tracks_one_parent_run_with_a_nested_run_per_stage(smoke_pro
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{smoke_project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("embedforge")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [run for run in runs if run.data.tags.get("embedforge.role") == "pipeline"]
-    assert len(parents) == 1
-    parent = parents[0]
-    children = {run.data.tags["embedforge.stage"]: run for run in runs
-                if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    parent, children = pipeline_runs(client)
     assert set(children) == STAGES
     assert children["evaluate"].data.metrics["student/d384/float_flat/ndcg_at_10"] > 0
     assert children["register"].data.metrics["gate/promoted"] == 1.0
@@ -123,3 +117,36 @@ def test_a_repro_with_a_worse_student_does_not_take_the_champion(smoke_project: 
     client = MlflowClient(f"sqlite:///{smoke_project / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("embedforge-student", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("embedforge-student", "candidate").version) == "2"
+
+
+def test_a_repro_killed_inside_a_stage_keeps_the_previous_artifact_and_the_next_repro_completes(
+        smoke_project: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    before = read_manifest(smoke_project / "data/index", kind="faiss_indexes", schema_version=1)
+    params = yaml.safe_load((smoke_project / "params.yaml").read_text())
+    params["profiles"]["smoke"]["quantize"]["calibration_texts"] = 150  # quantize and all after it re-run
+    (smoke_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repro = subprocess.Popen(dvc_command("repro"), cwd=smoke_project, env=dvc_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list((smoke_project / "data").glob(".index.tmp-*")):  # the index stage is writing its artifact
+        assert repro.poll() is None, "dvc repro ended before the index stage wrote anything"
+        assert time.monotonic() < deadline, "the index stage did not start in time"
+        time.sleep(0.02)
+    os.killpg(repro.pid, signal.SIGKILL)  # dvc and the stage, as a node losing power would
+    repro.wait()
+
+    kept = read_manifest(smoke_project / "data/index", kind="faiss_indexes", schema_version=1)  # verifies files
+    assert kept.fingerprint == before.fingerprint
+    result = run_dvc(smoke_project, "repro")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "Running stage 'index'" in result.stdout and "Running stage 'quantize'" not in result.stdout
+    quantized = read_manifest(smoke_project / "data/quantized", kind="quantized_embeddings", schema_version=1)
+    after = read_manifest(smoke_project / "data/index", kind="faiss_indexes", schema_version=1)
+    assert after.inputs["quantized"] == quantized.fingerprint  # rebuilt from the new calibration
+    assert not list((smoke_project / "data").glob(".index.tmp-*"))
+    assert "up to date" in run_dvc(smoke_project, "status").stdout
