@@ -41,7 +41,7 @@ MATRYOSHKA_FILE = "embedforge_matryoshka.json"
 
 
 class DistillConfig(StageConfig):
-    layers: list[int] = Field(default_factory=lambda: [0, 2, 4], min_length=1)
+    layers: list[int] = Field(default_factory=lambda: [0, 4, 5], min_length=1)
     matryoshka_dims: list[int] = Field(default_factory=lambda: [384, 256, 128, 64, 32], min_length=1)
     contrastive_weight: float = Field(1.0, ge=0)
     contrastive_pairs: int | None = Field(None, ge=8)
@@ -70,7 +70,7 @@ class DistillConfig(StageConfig):
     @classmethod
     def _layers_ascending(cls, layers: list[int]) -> list[int]:
         if any(layer < 0 for layer in layers) or layers != sorted(set(layers)):
-            raise ValueError(f"layers must be distinct, ascending teacher layer indices, e.g. [0, 2, 4]; got {layers}")
+            raise ValueError(f"layers must be distinct, ascending teacher layer indices, e.g. [0, 4, 5]; got {layers}")
         return layers
 
 
