@@ -158,7 +158,7 @@ def prepare_stage(args: argparse.Namespace) -> None:
             local = storage.fetch_file(value.given)
         else:
             local = staging.output_path(value.given)
-        if value.kind is not None and not (value.manifest_optional and not (local / MANIFEST).exists()):
+        if value.kind is not None and ((local / MANIFEST).exists() or not value.manifest_optional):
             kind, schema_version = value.kind
             read_manifest(local, kind=kind, schema_version=schema_version)
         setattr(args, name, local)

@@ -237,7 +237,7 @@ def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, i
     from components.embed import encode, load_model
 
     started = time.perf_counter()
-    beir_fingerprint = artifacts.read_manifest(beir_dir, kind="beir", schema_version=1).fingerprint
+    beir_fingerprint = artifacts.read_manifest(beir_dir, kind=BEIR_KIND, schema_version=BEIR_SCHEMA).fingerprint
     quantized = load_quantized(quantized_dir)
     indexes = load_indexes(index_dir)
     check_same_corpus(quantized, indexes, beir_fingerprint, beir_dir)

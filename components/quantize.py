@@ -129,7 +129,7 @@ def quantize(config: QuantizeConfig, paths: QuantizePaths) -> dict[str, float]:
 
     started = time.perf_counter()
     dims = trained_dims(config)
-    beir_fingerprint = artifacts.read_manifest(paths.beir, kind="beir", schema_version=1).fingerprint
+    beir_fingerprint = artifacts.read_manifest(paths.beir, kind=BEIR_KIND, schema_version=BEIR_SCHEMA).fingerprint
     curated_fingerprint = artifacts.read_manifest(paths.curated, kind=CURATED_KIND,
                                                   schema_version=CURATED_SCHEMA).fingerprint
     fingerprints = {name: model_fingerprint(reference) for name, reference in config.models.items()}
