@@ -9,6 +9,11 @@ embedding is itself a usable embedding:
   truncated vectors but not the teacher's);
 - optionally a contrastive term: MultipleNegativesRankingLoss on the mined (query, positive, negative) tuples,
   which teaches the small prefixes to rank, not only to imitate.
+
+Before training, the teacher's embedding space is rotated onto its principal axes (`pca_rotation`): the
+student ends in a fixed-size linear layer holding that rotation, and learns the rotated teacher embeddings.
+A rotation changes no cosine, so the full-size embedding means what it meant, but the leading dimensions now
+carry the most variance, and the nested prefixes the student learns to imitate are already good ones.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
@@ -43,6 +49,7 @@ MATRYOSHKA_FILE = "embedforge_matryoshka.json"
 class DistillConfig(StageConfig):
     layers: list[int] = Field(default_factory=lambda: [0, 4, 5], min_length=1)
     matryoshka_dims: list[int] = Field(default_factory=lambda: [384, 256, 128, 64, 32], min_length=1)
+    pca_rotation: bool = True
     contrastive_weight: float = Field(1.0, ge=0)
     contrastive_pairs: int | None = Field(None, ge=8)
     distill_texts: int | None = Field(None, ge=8)
@@ -96,16 +103,43 @@ def check_against_teacher(config: DistillConfig, teacher_layers: int, teacher_di
         )
 
 
-def make_student(teacher: SentenceTransformer, layers: list[int]) -> SentenceTransformer:
-    """A deep copy of the teacher keeping only `layers` of its transformer encoder."""
+def principal_axes(vectors: np.ndarray) -> np.ndarray:
+    """Orthogonal (dim, dim) matrix whose columns are the principal axes of `vectors`, by falling variance.
+
+    `vectors @ axes` keeps every cosine but moves the variance into the leading dimensions. Each axis is
+    signed so its largest component is positive, so the same vectors give the same matrix on any BLAS.
+    """
+    variances, axes = np.linalg.eigh(np.cov(vectors.astype(np.float64), rowvar=False))
+    axes = axes[:, np.argsort(-variances, kind="stable")]
+    largest = axes[np.argmax(np.abs(axes), axis=0), np.arange(axes.shape[1])]
+    return (axes * np.sign(largest)).astype(np.float32)
+
+
+def make_student(
+    teacher: SentenceTransformer, layers: list[int], rotation: np.ndarray | None = None
+) -> SentenceTransformer:
+    """A deep copy of the teacher keeping only `layers` of its transformer encoder.
+
+    With a `rotation`, a bias-free linear layer after pooling maps each embedding `e` to `e @ rotation`.
+    """
     import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Pooling
 
     student = copy.deepcopy(teacher)
     encoder_model = student[0].auto_model
     kept = torch.nn.ModuleList([encoder_model.encoder.layer[index] for index in layers])
     encoder_model.encoder.layer = kept
     encoder_model.config.num_hidden_layers = len(layers)
-    return student
+    if rotation is None:
+        return student
+    modules = list(student)
+    after_pooling = next(position for position, module in enumerate(modules) if isinstance(module, Pooling)) + 1
+    dim = rotation.shape[0]
+    linear = Dense(dim, dim, bias=False, activation_function=torch.nn.Identity(),
+                   init_weight=torch.from_numpy(np.ascontiguousarray(rotation.T)).to(student.dtype))
+    return SentenceTransformer(modules=[*modules[:after_pooling], linear, *modules[after_pooling:]],
+                               device=str(student.device))
 
 
 def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
@@ -131,8 +165,10 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     targets = encode(teacher, texts, batch_size=config.teacher_batch_size, label="teacher targets")
     teacher_dev = evaluator(teacher)["dev_cosine_ndcg@10"]
 
-    student = make_student(teacher, config.layers)
-    datasets = {"distill": Dataset.from_dict({"text": texts, "label": targets.vectors.tolist()})}
+    rotation = principal_axes(targets.vectors) if config.pca_rotation else None
+    target_vectors = targets.vectors if rotation is None else targets.vectors @ rotation
+    student = make_student(teacher, config.layers, rotation)
+    datasets = {"distill": Dataset.from_dict({"text": texts, "label": target_vectors.tolist()})}
     objectives = {"distill": losses.MatryoshkaLoss(
         student, losses.EmbedDistillLoss(student, distance_metric="cosine"), config.matryoshka_dims)}
     if config.contrastive_weight > 0:
@@ -160,17 +196,25 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
         "student_dev_ndcg@10": student_dev,
         "student_to_teacher_dev": student_dev / teacher_dev if teacher_dev else 0.0,
         "teacher_encode_per_s": targets.per_second,
+        **prefix_variance_shares(target_vectors, config.matryoshka_dims),
         "seconds": time.perf_counter() - started,
     }
     if trainer.is_world_process_zero():
         publish_model(student, paths.output, stage=STAGE, digest=params_digest(config), metrics=metrics,
                       inputs={"teacher": teacher_manifest.fingerprint, "mined": mined_manifest.fingerprint},
-                      extra={"layers_from_teacher": config.layers, "matryoshka_dims": config.matryoshka_dims},
+                      extra={"layers_from_teacher": config.layers, "matryoshka_dims": config.matryoshka_dims,
+                             "pca_rotation": config.pca_rotation},
                       files={MATRYOSHKA_FILE: json.dumps({"matryoshka_dims": config.matryoshka_dims})})
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
     log.info("distill: %d-layer student, dev nDCG@10 %.4f (teacher %.4f) in %.0fs", len(config.layers), student_dev,
              teacher_dev, metrics["seconds"])
     return metrics
+
+
+def prefix_variance_shares(vectors: np.ndarray, dims: list[int]) -> dict[str, float]:
+    """Share of the targets' variance in each nested prefix: what the rotation bought the small dims."""
+    variances = vectors.var(axis=0)
+    return {f"target_variance_share_d{dim}": float(variances[:dim].sum() / variances.sum()) for dim in dims}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,15 @@ import torch
 
 from components.artifacts import read_manifest
 from components.config import ConfigError, build_config
-from components.distill import MATRYOSHKA_FILE, DistillConfig, DistillPaths, check_against_teacher, distill, make_student
+from components.distill import (
+    MATRYOSHKA_FILE,
+    DistillConfig,
+    DistillPaths,
+    check_against_teacher,
+    distill,
+    make_student,
+    principal_axes,
+)
 from components.embed import load_model
 from components.evaluate import truncate
 
@@ -57,6 +65,41 @@ def test_the_student_keeps_exactly_the_requested_teacher_layers(tiny_teacher_dir
     assert len(teacher_layers) == 4  # the teacher itself is untouched
 
 
+def _anisotropic_unit_vectors(count: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors whose variance is spread unevenly over randomly oriented axes, like real embeddings."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    vectors = (rng.normal(size=(count, dim)) * np.linspace(3.0, 0.1, dim)) @ basis.T + 0.5
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_the_principal_axes_rotation_keeps_every_cosine_and_moves_variance_to_the_leading_dims() -> None:
+    vectors = _anisotropic_unit_vectors(500, 16)
+    axes = principal_axes(vectors)
+    rotated = vectors @ axes
+    assert np.allclose(axes.T @ axes, np.eye(16), atol=1e-5)
+    assert np.allclose(rotated @ rotated.T, vectors @ vectors.T, atol=1e-5)
+    variances = rotated.var(axis=0)
+    assert np.all(np.diff(variances) <= 1e-7)
+    assert variances[:4].sum() > np.sort(vectors.var(axis=0))[::-1][:4].sum()
+
+
+def test_the_principal_axes_do_not_depend_on_the_sign_the_eigen_solver_picks() -> None:
+    vectors = _anisotropic_unit_vectors(300, 8)
+    axes = principal_axes(vectors)
+    assert np.all(axes[np.argmax(np.abs(axes), axis=0), np.arange(8)] > 0)
+    assert np.array_equal(principal_axes(vectors.copy()), axes)
+
+
+def test_a_rotated_student_embeds_as_the_plain_student_followed_by_the_rotation(tiny_teacher_dir: Path) -> None:
+    teacher = load_model(str(tiny_teacher_dir))
+    rotation = principal_axes(_anisotropic_unit_vectors(200, teacher.get_embedding_dimension()))
+    texts = ["a mail server", "a font package", "bindings for an XML parser"]
+    plain = make_student(teacher, [0, 2]).encode(texts, normalize_embeddings=True)
+    rotated = make_student(teacher, [0, 2], rotation).encode(texts, normalize_embeddings=True)
+    assert np.allclose(plain @ rotation, rotated, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_distill_publishes_a_matryoshka_student_whose_truncated_embeddings_are_unit_length(
     tmp_path: Path, tiny_teacher_dir: Path, training_inputs: tuple[Path, Path]
@@ -68,9 +111,11 @@ def test_distill_publishes_a_matryoshka_student_whose_truncated_embeddings_are_u
                          checkpoints=tmp_path / "ckpt")
     metrics = distill(config, paths)
     assert metrics["student_layers"] == 2
+    shares = [metrics[f"target_variance_share_d{dim}"] for dim in (8, 16, 32)]
+    assert shares[0] < shares[1] < shares[2] == pytest.approx(1.0)
     manifest = read_manifest(paths.output, kind="sentence_transformer", schema_version=1)
     assert manifest.counts == {"layers": 2, "dim": 32}
-    assert manifest.extra["layers_from_teacher"] == [0, 2]
+    assert manifest.extra["layers_from_teacher"] == [0, 2] and manifest.extra["pca_rotation"] is True
     assert json.loads((paths.output / MATRYOSHKA_FILE).read_text()) == {"matryoshka_dims": [32, 16, 8]}
     student = load_model(str(paths.output))
     vectors = student.encode(["a mail server", "a font package"], normalize_embeddings=True)
