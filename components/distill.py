@@ -123,7 +123,6 @@ def make_student(
     With a `rotation`, a bias-free linear layer after pooling maps each embedding `e` to `e @ rotation`.
     """
     import torch
-    from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Pooling
 
     student = copy.deepcopy(teacher)
@@ -133,13 +132,12 @@ def make_student(
     encoder_model.config.num_hidden_layers = len(layers)
     if rotation is None:
         return student
-    modules = list(student)
-    after_pooling = next(position for position, module in enumerate(modules) if isinstance(module, Pooling)) + 1
+    after_pooling = next(position for position, module in enumerate(student) if isinstance(module, Pooling)) + 1
     dim = rotation.shape[0]
     linear = Dense(dim, dim, bias=False, activation_function=torch.nn.Identity(),
                    init_weight=torch.from_numpy(np.ascontiguousarray(rotation.T)).to(student.dtype))
-    return SentenceTransformer(modules=[*modules[:after_pooling], linear, *modules[after_pooling:]],
-                               device=str(student.device))
+    student.insert(after_pooling, linear.to(student.device))
+    return student
 
 
 def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
