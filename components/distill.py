@@ -14,6 +14,9 @@ Before training, the teacher's embedding space is rotated onto its principal axe
 student ends in a fixed-size linear layer holding that rotation, and learns the rotated teacher embeddings.
 A rotation changes no cosine, so the full-size embedding means what it meant, but the leading dimensions now
 carry the most variance, and the nested prefixes the student learns to imitate are already good ones.
+
+Checkpoints are written every `eval_steps`, as in train: a killed run, re-run with the same params and inputs,
+resumes from its last checkpoint (the full profile distils for hours on a CPU).
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ from components import artifacts
 from components.config import ConfigError, StageConfig, params_digest
 from components.curate import CURATED_KIND, CURATED_SCHEMA
 from components.mine import MINED_KIND, MINED_SCHEMA
-from components.train import MODEL_KIND, MODEL_SCHEMA, dev_evaluator, publish_model, training_arguments
+from components.train import (
+    MODEL_KIND,
+    MODEL_SCHEMA,
+    dev_evaluator,
+    publish_model,
+    start_checkpoints,
+    training_arguments,
+)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -151,6 +161,7 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     started = time.perf_counter()
     teacher_manifest = artifacts.read_manifest(paths.teacher, kind=MODEL_KIND, schema_version=MODEL_SCHEMA)
     mined_manifest = artifacts.read_manifest(paths.mined, kind=MINED_KIND, schema_version=MINED_SCHEMA)
+    curated_manifest = artifacts.read_manifest(paths.curated, kind=CURATED_KIND, schema_version=CURATED_SCHEMA)
     check_against_teacher(config, teacher_manifest.counts["layers"], teacher_manifest.counts["dim"])
     teacher = load_model(str(paths.teacher), max_seq_length=config.max_seq_length)
     mined = pd.read_parquet(paths.mined / "pairs.parquet")
@@ -179,10 +190,12 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
         objectives["contrastive"] = losses.MatryoshkaLoss(
             student, losses.MultipleNegativesRankingLoss(student), config.matryoshka_dims,
             matryoshka_weights=[config.contrastive_weight] * len(config.matryoshka_dims))
+    inputs = [teacher_manifest.fingerprint, mined_manifest.fingerprint, curated_manifest.fingerprint]
+    resume_from = start_checkpoints(paths.checkpoints, ":".join([params_digest(config), *inputs]))
     arguments = training_arguments(config, paths.checkpoints)
     trainer = SentenceTransformerTrainer(model=student, args=arguments, train_dataset=datasets, loss=objectives,
                                          evaluator=evaluator)
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=resume_from)
     student.max_seq_length = config.serve_max_seq_length
     student_dev = evaluator(student)["dev_cosine_ndcg@10"]
     metrics = {
@@ -194,6 +207,7 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
         "student_dev_ndcg@10": student_dev,
         "student_to_teacher_dev": student_dev / teacher_dev if teacher_dev else 0.0,
         "teacher_encode_per_s": targets.per_second,
+        "resumed": float(resume_from is not None),
         **prefix_variance_shares(target_vectors, config.matryoshka_dims),
         "seconds": time.perf_counter() - started,
     }

@@ -183,18 +183,26 @@ def training_arguments(schedule: Schedule, checkpoints: Path) -> SentenceTransfo
     )
 
 
-def _resumable_checkpoint(checkpoints: Path, digest: str) -> str | None:
-    """The last checkpoint of an interrupted run with the same params and inputs, if any."""
+def start_checkpoints(checkpoints: Path, run_digest: str) -> str | None:
+    """Claim the checkpoint dir for a run; returns the last checkpoint of a killed run with the same digest.
+
+    `run_digest` names the params and inputs: checkpoints of any other run are discarded, never resumed.
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
     marker = checkpoints / "run.json"
-    if not checkpoints.is_dir():
-        return None
-    if not marker.is_file() or json.loads(marker.read_text()).get("digest") != digest:
-        log.info("discarding checkpoints in %s: they belong to other params or inputs", checkpoints)
-        shutil.rmtree(checkpoints)
-        return None
-    return get_last_checkpoint(str(checkpoints))
+    resume_from = None
+    if checkpoints.is_dir():
+        if marker.is_file() and json.loads(marker.read_text()).get("digest") == run_digest:
+            resume_from = get_last_checkpoint(str(checkpoints))
+        else:
+            log.info("discarding checkpoints in %s: they belong to other params or inputs", checkpoints)
+            shutil.rmtree(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"digest": run_digest}))
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    return resume_from
 
 
 def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
@@ -216,11 +224,7 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
     model = load_model(config.base_model)
     serving_length = model.max_seq_length  # the teacher serves at the base model's length, trains shorter
     model.max_seq_length = config.max_seq_length
-    resume_from = _resumable_checkpoint(paths.checkpoints, run_digest)
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    (paths.checkpoints / "run.json").write_text(json.dumps({"digest": run_digest}))
-    if resume_from:
-        log.info("resuming from %s", resume_from)
+    resume_from = start_checkpoints(paths.checkpoints, run_digest)
     arguments = training_arguments(config, paths.checkpoints)
     trainer = SentenceTransformerTrainer(
         model=model,

@@ -5,6 +5,8 @@
   re-run in-process, as the next `dvc repro` would.
 - `disk_full_while_publishing`: the disk fills up while curate writes an artifact: the writer of one file
   writes part of it and fails with ENOSPC, as a full file system does.
+- `kill_at_first_checkpoint`: a training stage (train, distill) is killed with SIGKILL once it has written a
+  checkpoint, for the resume tests.
 
 Shared by `tests/code/test_faults.py` and `bench/reliability.py`.
 """
@@ -116,6 +118,20 @@ def kill_while_publishing(root: Path, model: Path, timeout_s: float = 240.0) -> 
     return FaultResult("SIGKILL while publishing (curate)", process.returncode, stderr[-300:] if not hit else "", hit,
                        previous_intact, all_verified and _verified(workspace.out), left, rerun.exit_code,
                        tuple(leftovers(workspace.out)))
+
+
+def kill_at_first_checkpoint(command: list[str], checkpoints: Path, timeout_s: float = 240.0) -> int:
+    """Start a training stage's CLI and SIGKILL it once it has written a checkpoint; returns its exit code."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"{command[2]} wrote no checkpoint in {timeout_s:.0f}s")
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    return process.wait()
 
 
 @contextlib.contextmanager

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+import yaml
 
 from components.artifacts import read_manifest
 from components.config import ConfigError, build_config
@@ -22,6 +28,7 @@ from components.distill import (
 )
 from components.embed import load_model
 from components.evaluate import truncate
+from tests.code.faults import kill_at_first_checkpoint
 
 
 @pytest.mark.parametrize(
@@ -121,3 +128,41 @@ def test_distill_publishes_a_matryoshka_student_whose_truncated_embeddings_are_u
     vectors = student.encode(["a mail server", "a font package"], normalize_embeddings=True)
     for dim in (16, 8):
         assert np.allclose(np.linalg.norm(truncate(vectors, dim), axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_killed_distillation_resumes_from_its_checkpoint_to_the_same_student_as_an_uninterrupted_run(
+    tmp_path: Path, tiny_teacher_dir: Path, training_inputs: tuple[Path, Path]
+) -> None:
+    curated, mined = training_inputs
+    section = DistillConfig(layers=[0, 2], matryoshka_dims=[32, 16], batch_size=16, max_seq_length=32, epochs=8,
+                            eval_steps=20, dev_queries=16, dev_corpus=32).model_dump(mode="json")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"profile": "default", "distill": section}))
+    checkpoints = tmp_path / "ckpt"
+    command = [sys.executable, "-m", "components.distill", "--params", str(params), "--no-tracking",
+               "--teacher", str(tiny_teacher_dir), "--mined", str(mined), "--curated", str(curated),
+               "--output", str(tmp_path / "student"), "--checkpoints", str(checkpoints),
+               "--metrics", str(tmp_path / "metrics.json")]
+    exit_code = kill_at_first_checkpoint(command, checkpoints)
+    assert exit_code == -signal.SIGKILL, "distillation finished before it could be killed; make it longer"
+    assert not (tmp_path / "student").exists()
+
+    second = subprocess.run(command, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, check=False,
+                            timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["resumed"] == 1.0
+
+    uninterrupted = distill(DistillConfig(**section), DistillPaths(
+        teacher=tiny_teacher_dir, mined=mined, curated=curated, output=tmp_path / "uninterrupted",
+        checkpoints=tmp_path / "ckpt-uninterrupted"))
+    assert metrics["steps"] == uninterrupted["steps"]
+    # The trainer sums the losses of the steps this process ran over all steps: lower only if it really skipped.
+    assert metrics["train_loss"] < uninterrupted["train_loss"]
+    assert metrics["student_dev_ndcg@10"] == pytest.approx(uninterrupted["student_dev_ndcg@10"], abs=1e-6)
+    texts = pd.read_parquet(curated / "pairs.parquet")["query"].head(32).tolist()
+    resumed_vectors = load_model(str(tmp_path / "student")).encode(texts)
+    uninterrupted_vectors = load_model(str(tmp_path / "uninterrupted")).encode(texts)
+    assert np.abs(resumed_vectors - uninterrupted_vectors).max() < 1e-4
