@@ -133,7 +133,7 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
     tags = {TEST_SET_TAG: evaluation.inputs["beir"], "embedforge.gate": "passed" if decision.promote else "refused",
             "embedforge.gate_reasons": "; ".join(decision.reasons)}
     if chosen:
-        tags |= {SCORE_TAG: f"{chosen['ndcg_at_10']:.6f}",
+        tags |= {SCORE_TAG: repr(float(chosen["ndcg_at_10"])),  # exact: the next gate compares against it
                  "embedforge.operating_point": f"d{chosen['dim']}/{chosen['index']}{'_rescore' if chosen['rescored'] else ''}"}
     for key, value in tags.items():
         client.set_model_version_tag(config.model_name, version, key, value)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or update .venv from the lock file; with --tests, also what the tests need besides (Chromium).
 # Idempotent: a venv already built from this lock is left alone.
-# torch is installed first, alone, as the CPU build (any looser pin would pull a multi-GB CUDA build).
+# torch is installed first, alone, as the CPU build (any looser pin would pull a multi-GB CUDA build). Where the
+# default pip index serves the CUDA build of torch==2.13.0, set TORCH_INDEX_URL to a wheel index with the CPU build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +26,7 @@ if [[ -x .venv/bin/python && "$(cat .venv/.embedforge-lock 2>/dev/null)" == "$st
 fi
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet torch==2.13.0
+.venv/bin/python -m pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 .venv/bin/python -m pip install --quiet -r requirements.lock
 .venv/bin/python -m pip install --quiet --no-deps -e .
 echo "$stamp" > .venv/.embedforge-lock

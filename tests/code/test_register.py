@@ -63,11 +63,12 @@ def _evaluation(stack: dict[str, Path], target: Path, ndcg: float) -> Path:
 
 
 @pytest.mark.slow
-def test_a_worse_student_is_registered_as_candidate_and_the_champion_stays(retrieval_stack: dict[str, Path],
-                                                                         tmp_path: Path) -> None:
+def test_a_worse_student_is_registered_as_candidate_and_a_tie_replaces_the_champion(retrieval_stack: dict[str, Path],
+                                                                                   tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    first = _register(retrieval_stack, _evaluation(retrieval_stack, tmp_path / "good", 0.80), tmp_path)
+    champion_score = 0.8085459  # more digits than a rounded tag keeps: the tie below must still be a tie
+    first = _register(retrieval_stack, _evaluation(retrieval_stack, tmp_path / "good", champion_score), tmp_path)
     assert first.returncode == 0, first.stderr
     second = _register(retrieval_stack, _evaluation(retrieval_stack, tmp_path / "worse", 0.75), tmp_path)
     assert second.returncode == 0, second.stderr
@@ -77,8 +78,8 @@ def test_a_worse_student_is_registered_as_candidate_and_the_champion_stays(retri
     champion = client.get_model_version_by_alias("test-student", "champion")
     candidate = client.get_model_version_by_alias("test-student", "candidate")
     assert (str(champion.version), str(candidate.version)) == ("1", "2")
-    assert champion.tags["embedforge.ndcg_at_10"] == "0.800000"
-    assert "0.7500 < champion v1 0.8000" in candidate.tags["embedforge.gate_reasons"]
+    assert float(champion.tags["embedforge.ndcg_at_10"]) == champion_score
+    assert "0.7500 < champion v1 0.8085" in candidate.tags["embedforge.gate_reasons"]
     assert json.loads((tmp_path / "worse.json").read_text())["gate/promoted"] == 0.0
     run_artifacts = {item.path for item in client.list_artifacts(candidate.run_id, "serving")}
     assert run_artifacts == {"serving/calibration.json", "serving/operating_point.json", "serving/gate_decision.json"}
@@ -86,6 +87,10 @@ def test_a_worse_student_is_registered_as_candidate_and_the_champion_stays(retri
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert mlflow.sentence_transformers.load_model("models:/test-student@champion").encode(["q"]).shape == (1, 32)
+
+    tie = _register(retrieval_stack, _evaluation(retrieval_stack, tmp_path / "tie", champion_score), tmp_path)
+    assert tie.returncode == 0, tie.stderr
+    assert "gate passed: test-student v3 is champion" in tie.stderr
 
 
 def test_a_student_other_than_the_evaluated_one_is_refused(retrieval_stack: dict[str, Path], tiny_teacher_dir: Path,
