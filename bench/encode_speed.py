@@ -19,6 +19,7 @@ from pathlib import Path
 
 from components.data import read_beir
 from components.embed import encode, load_model
+from components.evaluate import models_from_argv
 
 
 def main() -> None:
@@ -35,8 +36,7 @@ def main() -> None:
                         help="passages per encode batch (evaluate's default)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    default_models = ["teacher=models/teacher", "student=models/student"]
-    references = dict(item.split("=", 1) for item in args.model or default_models)
+    references = models_from_argv(args.model or ["teacher=models/teacher", "student=models/student"])
 
     corpus = read_beir(args.beir).corpus
     passages = [corpus[doc_id] for doc_id in list(corpus)[:args.passages]]

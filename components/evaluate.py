@@ -437,8 +437,8 @@ def evaluate_models(models: dict[str, str], beir_dir: Path, config: EvaluateConf
     return metrics
 
 
-def _models_from_argv(items: list[str] | None) -> dict[str, str]:
-    """`--model NAME=PATH` (or a bare PATH, named after its directory)."""
+def models_from_argv(items: list[str] | None) -> dict[str, str]:
+    """`--model NAME=PATH` (or a bare PATH, named after its directory), as the CLI and the benchmarks take them."""
     return dict(item.split("=", 1) if "=" in item else (Path(item).name or item, item) for item in items or [])
 
 
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         args, config = parse_stage_args(parser, argv, EvaluateConfig, STAGE, args)
 
     def quick() -> StageOutcome:
-        metrics = evaluate_models(_models_from_argv(args.model), args.beir, config)
+        metrics = evaluate_models(models_from_argv(args.model), args.beir, config)
         print(json.dumps(metrics, indent=1), flush=True)
         return StageOutcome(metrics=metrics, data_fingerprint="unmanaged:" + str(args.beir.resolve()))
 
