@@ -5,8 +5,11 @@ Steps, each counted in the metrics and every drop written to an audit table:
 2. optionally subsample whole source packages (`max_pairs`, for quick profiles);
 3. normalise text; drop pairs empty after normalisation, too short or too long;
 4. exact dedup: identical normalised (query, positive) pairs;
-5. split by source package, so siblings (lib/dev/doc of one source) never straddle train and test;
-6. embed every positive once with the base model (a reusable artifact: mining needs it too);
+5. split by source package, so siblings (lib/dev/doc of one source) never straddle train and test; optionally
+   cap train+dev by whole source packages (`max_trainable_pairs`, a CPU time budget): the test split stays
+   exactly as it is without the cap, so small and full runs are evaluated on the same queries;
+6. embed every train and dev positive once with the base model (a reusable artifact: mining needs it too; the
+   test split is never embedded here);
 7. SemDeDup on train+dev: spherical k-means, then inside each cluster drop a pair whose positive has cosine
    above `1 - eps` to an already kept one. The test split is left as it is and exported in BEIR format with
    every passage of identical normalised text counted relevant;
@@ -61,6 +64,7 @@ class CurateConfig(StageConfig):
     embed_max_seq_length: int = Field(256, ge=8, le=512)
     embed_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_pairs: int | None = Field(None, ge=10)
+    max_trainable_pairs: int | None = Field(None, ge=10)
     min_query_chars: int = Field(8, ge=1)
     min_positive_chars: int = Field(40, ge=1)
     max_positive_chars: int = Field(4000, ge=1)
@@ -127,6 +131,13 @@ def subsample_by_source(frame: pd.DataFrame, max_pairs: int, seed: int) -> pd.Da
     within[0] = True
     chosen = order[within]
     return frame[frame["source"].isin(set(chosen))].reset_index(drop=True)
+
+
+def subsample_trainable(frame: pd.DataFrame, max_pairs: int, seed: int) -> pd.DataFrame:
+    """Subsample the train and dev splits (column `split`) by whole source packages; keep every test pair."""
+    is_test = (frame["split"] == "test").to_numpy()
+    kept = set(subsample_by_source(frame[~is_test], max_pairs, seed)["source"]) if (~is_test).any() else set()
+    return frame[is_test | frame["source"].isin(kept).to_numpy()].reset_index(drop=True)
 
 
 def assign_splits(sources: pd.Series, fractions: dict[str, float], seed: int) -> pd.Series:
@@ -266,18 +277,26 @@ def curate(config: CurateConfig, paths: CuratePaths) -> CurateResult:
     audit += exact_audit
     metrics["dropped_exact_duplicate"] = len(exact_audit)
     frame["split"] = assign_splits(frame["source"], config.split_fractions, config.seed)
-
-    model = load_model(config.embed_model, max_seq_length=config.embed_max_seq_length, dtype=config.embed_dtype)
-    encoded = encode(model, frame["positive"].tolist(), batch_size=config.embed_batch_size, label="passages")
-    embedded_ids = frame["id"].tolist()
-    metrics["embed_passages_per_s"] = encoded.per_second
+    rows_before_cap = len(frame)
+    if config.max_trainable_pairs is not None:
+        frame = subsample_trainable(frame, config.max_trainable_pairs, config.seed)
+    metrics["rows_trainable_capped"] = rows_before_cap - len(frame)
 
     trainable = (frame["split"] != "test").to_numpy()
+    if not trainable.any():
+        raise ConfigError("curate produced no train or dev pairs; raise curate.max_pairs or max_trainable_pairs, "
+                          "or lower split_fractions.test")
+    model = load_model(config.embed_model, max_seq_length=config.embed_max_seq_length, dtype=config.embed_dtype)
+    encoded = encode(model, frame.loc[trainable, "positive"].tolist(), batch_size=config.embed_batch_size,
+                     label="passages")
+    embedded_ids = frame.loc[trainable, "id"].tolist()
+    metrics["embed_passages_per_s"] = encoded.per_second
+
     metrics["dropped_semantic_duplicate"] = 0
     if config.semantic_dedup and trainable.sum() >= 2:
         dedup_started = time.perf_counter()
         dedup = semantic_dedup(
-            encoded.vectors[trainable], frame.loc[trainable, "id"].tolist(), n_clusters=config.n_clusters,
+            encoded.vectors, embedded_ids, n_clusters=config.n_clusters,
             eps=config.eps, keep_rule=config.keep, iterations=config.kmeans_iterations, seed=config.seed,
         )
         metrics["semantic_dedup_seconds"] = time.perf_counter() - dedup_started
@@ -294,7 +313,7 @@ def curate(config: CurateConfig, paths: CuratePaths) -> CurateResult:
     for split in SPLITS:
         metrics[f"rows_{split}"] = int((frame["split"] == split).sum())
     metrics["rows_out"] = len(frame)
-    metrics["dropped_total"] = metrics["rows_sampled"] - metrics["rows_out"]
+    metrics["dropped_total"] = metrics["rows_sampled"] - metrics["rows_trainable_capped"] - metrics["rows_out"]
     if metrics["rows_test"] == 0:
         raise ConfigError("curate produced an empty test split; raise curate.max_pairs or split_fractions.test")
     validate_pairs(frame, suite_name="curated_pairs", source=f"curated output of {paths.input}", limits=limits)

@@ -222,8 +222,8 @@ def _nullable(kind: str, description: str, **schema: Any) -> Param:
     tags=["embedforge", "retraining"],
     params={
         "profile": Param(PARAMS.get("profile", "default"), type="string", enum=PROFILES,
-                         description="params.yaml profile: smoke (minutes), default (CPU: ~30 min with native "
-                                     "bf16, 76 min on 2 AVX2 cores), full (hours on CPU), gpu."),
+                         description="params.yaml profile: smoke (minutes), default (CPU: under 30 min on 2 AVX2 "
+                                     "cores), medium (about an hour), full (hours on CPU), gpu."),
         "mode": Param(None, type=["null", "string"], enum=[None, "local", "kubernetes"],
                       description="Where stages run: local subprocesses or Kubernetes pods. Empty: the Airflow "
                                   f"Variable embedforge_mode, else params.yaml ({SETTINGS.mode})."),

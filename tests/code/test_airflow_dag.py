@@ -89,7 +89,7 @@ def test_every_trigger_form_param_has_a_type_and_a_description(dag: Any) -> None
     for name, param in dag.params.items():
         assert param.schema.get("type"), name
         assert len(param.description or "") > 20, name
-    assert dag.params.get_param("profile").schema["enum"] == ["default", "full", "gpu", "smoke"]
+    assert dag.params.get_param("profile").schema["enum"] == ["default", "full", "gpu", "medium", "smoke"]
 
 
 @pytest.mark.parametrize(("name", "value"), [

@@ -29,6 +29,7 @@ from components.curate import (
     exact_dedup,
     semantic_dedup,
     subsample_by_source,
+    subsample_trainable,
 )
 from components.data import DataError, read_beir, read_pairs
 from components.text import normalise
@@ -146,6 +147,21 @@ def test_subsample_by_source_takes_whole_sources_up_to_the_limit() -> None:
     assert subsample_by_source(frame, max_pairs=100, seed=1)["id"].tolist() == frame["id"].tolist()
 
 
+def test_subsample_trainable_caps_train_and_dev_by_source_and_keeps_every_test_pair() -> None:
+    frame = pd.DataFrame({"id": [f"r{i}" for i in range(600)], "source": [f"s{i % 120}" for i in range(600)]})
+    frame["split"] = assign_splits(frame["source"], FRACTIONS, seed=3)
+
+    sample = subsample_trainable(frame, max_pairs=100, seed=3)
+
+    trainable = sample[sample["split"] != "test"]
+    assert 0 < len(trainable) <= 100
+    assert sample[sample["split"] == "test"].reset_index(drop=True).equals(
+        frame[frame["split"] == "test"].reset_index(drop=True))
+    sizes = frame.groupby("source").size()
+    assert trainable.groupby("source").size().to_dict() == sizes[trainable["source"].unique()].to_dict()
+    assert sample["id"].tolist() == [i for i in frame["id"] if i in set(sample["id"])]  # original order
+
+
 # --- semantic dedup on hand-made unit vectors ---
 
 def _dedup(vectors: np.ndarray, *, eps: float = 0.05, n_clusters: int = 2, keep: KeepRule = KeepRule.first):
@@ -261,7 +277,8 @@ def test_curate_publishes_consistent_artifacts(tmp_path: Path, pairs_file: Path,
     raw = read_pairs(pairs_file)
     pairs = pd.read_parquet(paths.output / "pairs.parquet")
     audit = pd.read_parquet(paths.output / "audit.parquet")
-    assert set(pairs["id"]) <= set(ids) <= set(raw["id"])
+    test_ids = set(pairs.loc[pairs["split"] == "test", "id"])
+    assert set(pairs["id"]) - test_ids <= set(ids) <= set(raw["id"]) - test_ids  # the test split is never embedded
     assert sorted(audit["dropped_id"]) == sorted(set(raw["id"]) - set(pairs["id"]))
     kept_by = dict(zip(audit["dropped_id"], audit["kept_id"]))
     for dropped_id, kept_id in kept_by.items():  # an exact duplicate's survivor may later be a semantic duplicate
@@ -274,6 +291,7 @@ def test_curate_publishes_consistent_artifacts(tmp_path: Path, pairs_file: Path,
     metrics = result.metrics
     dropped = sum(metrics[f"dropped_{reason}"] for reason in DROP_REASONS)
     assert metrics["rows_in"] == metrics["rows_sampled"] == len(raw) == 40
+    assert metrics["rows_trainable_capped"] == 0
     assert metrics["rows_sampled"] - dropped == metrics["rows_out"] == len(pairs)
     assert metrics["dropped_total"] == dropped == len(audit)
     assert sum(metrics[f"rows_{split}"] for split in ("train", "dev", "test")) == metrics["rows_out"]
@@ -292,6 +310,21 @@ def test_curate_publishes_consistent_artifacts(tmp_path: Path, pairs_file: Path,
     assert set(beir.queries) == set(beir.corpus) == set(test_ids) and len(test_ids) == metrics["rows_test"] > 0
     assert beir_manifest.counts["queries"] == len(beir.queries)
     assert not list(tmp_path.glob("out/**/.*tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_trainable_cap_shrinks_train_and_dev_but_leaves_the_test_set_as_it_is(
+    tmp_path: Path, pairs_file: Path, tiny_model_dir: Path
+) -> None:
+    settings = {"embed_model": str(tiny_model_dir), "embed_dtype": "float32", "embed_max_seq_length": 128,
+                "n_clusters": 3, "kmeans_iterations": 5, "split_fractions": FRACTIONS, "seed": 1}
+    whole = curate(CurateConfig(**settings), _paths(tmp_path / "whole", pairs_file))
+    capped = curate(CurateConfig(**settings, max_trainable_pairs=10), _paths(tmp_path / "capped", pairs_file))
+
+    assert capped.metrics["rows_trainable_capped"] > 0
+    assert capped.metrics["rows_train"] + capped.metrics["rows_dev"] <= 10
+    assert capped.metrics["dropped_total"] == len(pd.read_parquet(tmp_path / "capped" / "curated" / "audit.parquet"))
+    assert read_beir(tmp_path / "capped" / "beir" / "test") == read_beir(tmp_path / "whole" / "beir" / "test")
 
 
 @pytest.mark.parametrize("pre_existing", [False, True], ids=["fresh", "previous-outputs"])
