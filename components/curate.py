@@ -128,7 +128,7 @@ def subsample_by_source(frame: pd.DataFrame, max_pairs: int, seed: int) -> pd.Da
     order = sources.iloc[np.argsort(_unit_hash(sources, seed, "subsample"), kind="stable")]
     sizes = frame.groupby("source").size()
     within = (sizes.loc[order].cumsum() <= max_pairs).to_numpy().copy()
-    within[0] = True
+    within[:1] = True  # at least one source, and nothing from an empty frame
     chosen = order[within]
     return frame[frame["source"].isin(set(chosen))].reset_index(drop=True)
 
@@ -136,7 +136,7 @@ def subsample_by_source(frame: pd.DataFrame, max_pairs: int, seed: int) -> pd.Da
 def subsample_trainable(frame: pd.DataFrame, max_pairs: int, seed: int) -> pd.DataFrame:
     """Subsample the train and dev splits (column `split`) by whole source packages; keep every test pair."""
     is_test = (frame["split"] == "test").to_numpy()
-    kept = set(subsample_by_source(frame[~is_test], max_pairs, seed)["source"]) if (~is_test).any() else set()
+    kept = set(subsample_by_source(frame[~is_test], max_pairs, seed)["source"])
     return frame[is_test | frame["source"].isin(kept).to_numpy()].reset_index(drop=True)
 
 

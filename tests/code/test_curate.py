@@ -145,6 +145,7 @@ def test_subsample_by_source_takes_whole_sources_up_to_the_limit() -> None:
     assert sample.groupby("source").size().to_dict() == sizes[sample["source"].unique()].to_dict()
     assert sample.equals(subsample_by_source(frame, max_pairs=20, seed=1))
     assert subsample_by_source(frame, max_pairs=100, seed=1)["id"].tolist() == frame["id"].tolist()
+    assert subsample_by_source(frame.iloc[:0], max_pairs=20, seed=1).empty
 
 
 def test_subsample_trainable_caps_train_and_dev_by_source_and_keeps_every_test_pair() -> None:
