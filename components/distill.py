@@ -41,6 +41,7 @@ from components.mine import MINED_KIND, MINED_SCHEMA
 from components.train import (
     MODEL_KIND,
     MODEL_SCHEMA,
+    accelerator_metrics,
     dev_evaluator,
     publish_model,
     start_checkpoints,
@@ -207,8 +208,10 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
         "student_dev_ndcg@10": student_dev,
         "student_to_teacher_dev": student_dev / teacher_dev if teacher_dev else 0.0,
         "teacher_encode_per_s": targets.per_second,
+        "examples_per_s": output.metrics.get("train_samples_per_second", 0.0),
         "resumed": float(resume_from is not None),
         **prefix_variance_shares(target_vectors, config.matryoshka_dims),
+        **accelerator_metrics(),
         "seconds": time.perf_counter() - started,
     }
     if trainer.is_world_process_zero():

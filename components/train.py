@@ -81,8 +81,19 @@ def device_settings(cpu_bf16: bool | Literal["auto"]) -> dict[str, object]:
     from components.embed import cpu_has_native_bf16
 
     if torch.cuda.is_available():
-        return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False}
+        # Tokenising in the main process would leave a fast GPU waiting on the CPU between steps.
+        return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False,
+                "dataloader_num_workers": min(4, os.cpu_count() or 1)}
     return {"bf16": cpu_has_native_bf16() if cpu_bf16 == "auto" else cpu_bf16, "use_cpu": True}
+
+
+def accelerator_metrics() -> dict[str, float]:
+    """Peak GPU memory of this process, for sizing batches and machines; nothing on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu_peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def build_loss(config: TrainConfig, model: SentenceTransformer) -> object:
@@ -248,6 +259,7 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
         "dev_ndcg@10_best": best["dev_cosine_ndcg@10"],
         "pairs_per_s": len(frame) * config.epochs / max(output.metrics.get("train_runtime", 1.0), 1e-9),
         "resumed": float(resume_from is not None),
+        **accelerator_metrics(),
         "seconds": time.perf_counter() - started,
     }
     model.max_seq_length = serving_length

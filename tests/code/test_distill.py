@@ -118,6 +118,8 @@ def test_distill_publishes_a_matryoshka_student_whose_truncated_embeddings_are_u
                          checkpoints=tmp_path / "ckpt")
     metrics = distill(config, paths)
     assert metrics["student_layers"] == 2
+    assert metrics["examples_per_s"] > 0
+    assert ("gpu_peak_memory_gib" in metrics) == torch.cuda.is_available()
     shares = [metrics[f"target_variance_share_d{dim}"] for dim in (8, 16, 32)]
     assert shares[0] < shares[1] < shares[2] == pytest.approx(1.0)
     manifest = read_manifest(paths.output, kind="sentence_transformer", schema_version=1)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from components.artifacts import read_manifest
@@ -69,6 +70,7 @@ def test_training_loss_falls_and_the_best_model_is_published(
     result = train(_tiny_config(tiny_model_dir), paths)
     assert result.metrics["loss_end"] < result.metrics["loss_start"]
     assert result.metrics["steps"] == 4 * (_train_rows(mined) // 16)
+    assert ("gpu_peak_memory_gib" in result.metrics) == torch.cuda.is_available()
     manifest = read_manifest(paths.output, kind="sentence_transformer", schema_version=1)
     assert manifest.counts == {"layers": 2, "dim": 32}
     assert (paths.output / "model.safetensors").is_file()
