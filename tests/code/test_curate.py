@@ -160,7 +160,8 @@ def test_subsample_trainable_caps_train_and_dev_by_source_and_keeps_every_test_p
         frame[frame["split"] == "test"].reset_index(drop=True))
     sizes = frame.groupby("source").size()
     assert trainable.groupby("source").size().to_dict() == sizes[trainable["source"].unique()].to_dict()
-    assert sample["id"].tolist() == [i for i in frame["id"] if i in set(sample["id"])]  # original order
+    kept = set(sample["id"])
+    assert sample["id"].tolist() == [i for i in frame["id"] if i in kept]  # original order
 
 
 # --- semantic dedup on hand-made unit vectors ---
