@@ -20,9 +20,16 @@ import pandas as pd
 
 from components.embed import encode, load_model
 from components.evaluate import EvaluateConfig, latency_ms, make_searcher, search_all
-from components.index import IndexConfig, IndexRecord, build_index
-from components.mine import load_embeddings
-from components.quantize import binary_codes, calibration_ranges, dequantize_int8, int8_codes
+from components.artifact_types import (
+    PRECISION_OF,
+    IndexRecord,
+    binary_codes,
+    calibration_ranges,
+    dequantize_int8,
+    int8_codes,
+    read_embeddings,
+)
+from components.index import IndexConfig, build_index
 
 
 class InMemoryCorpus:
@@ -77,7 +84,8 @@ def main() -> None:
                         help="types not built at 1M (float HNSW takes most of an hour on 2 cores)")
     args = parser.parse_args()
 
-    manifest, vectors, _ = load_embeddings(args.embeddings)
+    embeddings = read_embeddings(args.embeddings)
+    manifest, vectors = embeddings.manifest, embeddings.vectors
     pairs = pd.read_parquet(args.curated / "pairs.parquet")
     texts = pairs.loc[pairs["split"] == "dev", "query"].sample(n=args.queries, random_state=0).tolist()
     model = load_model(manifest.extra["model"], max_seq_length=manifest.extra["max_seq_length"])
@@ -130,8 +138,6 @@ def main() -> None:
 
 
 def _record(kind: str, size: int, dim: int) -> IndexRecord:
-    from components.index import PRECISION_OF
-
     return IndexRecord(model="m", dim=dim, type=kind, precision=PRECISION_OF[kind], vectors=size, vector_bytes=0,
                        file_bytes=0, build_seconds=0.0, file="")
 

@@ -25,7 +25,7 @@ from components.data import read_beir
 from components.distill import DistillConfig, principal_axes
 from components.embed import encode, load_model, truncate
 from components.evaluate import exact_search, retrieval_metrics, to_run
-from components.quantize import binary_codes
+from components.artifact_types import binary_codes
 
 
 def ndcg_at_10(beir_qrels: dict[str, dict[str, int]], docs: np.ndarray, queries: np.ndarray, doc_ids: list[str],

@@ -22,11 +22,8 @@ import numpy as np
 import pandas as pd
 
 from components import artifacts
+from components.artifact_types import CURATED, EMBEDDINGS
 from components.curate import (
-    CURATED_KIND,
-    CURATED_SCHEMA,
-    EMBEDDINGS_KIND,
-    EMBEDDINGS_SCHEMA,
     CurateConfig,
     KeepRule,
     SemanticDedup,
@@ -39,9 +36,8 @@ DEFAULTS = CurateConfig.model_validate({})  # the curate stage's built-in defaul
 def load_train_dev(embeddings: Path, curated: Path) -> tuple[np.ndarray, list[str]]:
     """Train+dev vectors and ids in pipeline order: kept non-test pairs plus the semantic-duplicate drops."""
     try:
-        vectors_manifest = artifacts.read_manifest(embeddings, kind=EMBEDDINGS_KIND,
-                                                   schema_version=EMBEDDINGS_SCHEMA)
-        curated_manifest = artifacts.read_manifest(curated, kind=CURATED_KIND, schema_version=CURATED_SCHEMA)
+        vectors_manifest = EMBEDDINGS.read_manifest(embeddings)
+        curated_manifest = CURATED.read_manifest(curated)
     except artifacts.ArtifactError as exc:
         sys.exit(f"{exc}\nRun `dvc repro` first: this bench needs the artifacts of the curate stage.")
     if vectors_manifest.params_digest != curated_manifest.params_digest:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from components.distill import DistillConfig, make_student
 from components.embed import load_model
-from components.train import dev_evaluator
+from components.training import dev_evaluator
 
 METRIC = "dev_cosine_ndcg@10"
 

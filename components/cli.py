@@ -22,6 +22,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,11 +32,11 @@ from components import storage, tracking
 from components.artifacts import MANIFEST, ArtifactError, read_manifest
 from components.config import PARAMS_FILE, ConfigError, ConfigT, load_stage_config, parse_overrides
 from components.data import DataError
+from components.stages import STAGES, Port
 from components.validation import ValidationFailed
 
 log = logging.getLogger("embedforge")
 
-STAGES = ("curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register")
 EXPECTED_ERRORS = (ConfigError, DataError, ArtifactError, ValidationFailed, FileNotFoundError,
                    storage.StorageError, tracking.TrackingUnavailable)
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # disk full, quota exceeded, read-only file system
@@ -92,19 +93,47 @@ def local_path(text: str) -> Path:
     return Path(text)
 
 
-def stage_parser(stage: str, description: str | None) -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag; the params list in the epilog keeps its lines."""
+
+
+def _port_type(port: Port, is_input: bool) -> Callable[[str], Any]:
+    if port.kind is None:
+        return file_in if is_input else local_path
+    if is_input:
+        return artifact_in(port.kind.kind, port.kind.schema_version, manifest_optional=port.manifest_optional)
+    return artifact_out
+
+
+def params_help(stage: str, model: type[BaseModel]) -> str:
+    """Each param of the stage's section with its default and description, from its config class."""
+    lines = [f"params (section `{stage}` of the params file, then the profile's overrides, then --set):"]
+    for name, info in model.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        shown = default.value if isinstance(default, Enum) else default
+        lines.append(f"  {name} = {json.dumps(shown)}: {info.description or ''}".rstrip(": "))
+    return "\n".join(lines)
+
+
+def stage_parser(stage: str, model: type[BaseModel]) -> argparse.ArgumentParser:
+    """The stage's parser: its input and output paths from the stage table, the common flags, and its params
+    (with defaults and descriptions) in the help's epilog."""
+    row = STAGES[stage]
     parser = argparse.ArgumentParser(
         prog=f"embedforge {stage}",
-        description=description,
-        epilog="Artifact directories and input files may be s3://BUCKET/PREFIX URIs (credentials and endpoint "
-               "from the AWS environment or profile: AWS_PROFILE, AWS_ENDPOINT_URL, ...); metrics, plots, "
-               "reports and checkpoints are local paths.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=f"{stage}: {row.summary}",
+        epilog=params_help(stage, model) + "\n\nArtifact directories and input files may be s3://BUCKET/PREFIX "
+               "URIs (credentials and endpoint from the AWS environment or profile: AWS_PROFILE, AWS_ENDPOINT_URL, "
+               "...); metrics, plots, reports and checkpoints are local paths.",
+        formatter_class=_HelpFormatter,
     )
+    for port in row.ports:  # argparse passes string defaults through the type too
+        parser.add_argument(port.flag, type=_port_type(port, port in row.inputs), default=port.path, help=port.help)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file with one section per stage")
     parser.add_argument("--profile", default=None, help="params profile to apply (default: the file's `profile` key)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help=f"override one `{stage}` param after the profile (value as YAML; repeatable)")
+                        help=f"override one `{stage}` param after the profile (value as YAML; a.b=VALUE sets one "
+                             f"key of a mapping; repeatable)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -147,9 +176,11 @@ def prepare_stage(args: argparse.Namespace) -> None:
     if not args.no_tracking:
         tracking.check_server()
     staging = storage.Staging()
-    for name, value in vars(args).items():
+    args.given = {}  # every path argument as given (an s3:// URI stays one): what a stage records as a reference
+    for name, value in list(vars(args).items()):
         if not isinstance(value, Location):
             continue
+        args.given[name] = value.given
         if not storage.is_s3(value.given):
             local = Path(value.given)
         elif value.role == "artifact_in":

@@ -62,12 +62,12 @@ def resolve_stage_params(params: dict[str, Any], stage: str, profile: str | None
     profile = profile or params.get("profile", BASE_PROFILE)
     profiles = _mapping(params.get("profiles"), "profiles")
     if profile != BASE_PROFILE and (not isinstance(profile, str) or profile not in profiles):
-        known = ", ".join([BASE_PROFILE, *sorted(map(str, profiles))])
+        known = ", ".join(sorted({BASE_PROFILE, *map(str, profiles)}))
         raise ConfigError(f"profile {profile!r} is not defined; known profiles: {known}")
     if stage not in params:
         raise ConfigError(f"params has no section {stage!r}; sections: {', '.join(sorted(map(str, params)))}")
     section = _mapping(params[stage], stage)
-    if profile != BASE_PROFILE:
+    if profile in profiles:
         overrides = _mapping(profiles[profile], f"profiles.{profile}")
         section = _deep_merge(section, _mapping(overrides.get(stage), f"profiles.{profile}.{stage}"))
     return section
@@ -96,16 +96,21 @@ def build_config(model: type[ConfigT], section: dict[str, Any], where: str) -> C
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`key=value` strings (values read as YAML: `eps=0.1`, `layers=[0, 3]`, `dims=null`) into a mapping."""
+    """`key=value` strings (values read as YAML: `eps=0.1`, `layers=[0, 3]`, `dims=null`) into a mapping; a dotted
+    key sets one entry of a mapping param (`models.base=package:x` keeps the other models)."""
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set eps=0.1")
+        parts = [part.strip() for part in key.split(".")]
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE or KEY.ENTRY=VALUE, e.g. --set eps=0.1")
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from exc
+        for part in reversed(parts[1:]):
+            parsed = {part: parsed}
+        overrides = _deep_merge(overrides, {parts[0]: parsed})
     return overrides
 
 
@@ -116,7 +121,7 @@ def load_stage_config(
     """Read, resolve and validate one stage's config from a params file, with `overrides` applied last."""
     params = load_params(params_path)
     try:
-        section = {**resolve_stage_params(params, stage, profile), **(overrides or {})}
+        section = _deep_merge(resolve_stage_params(params, stage, profile), overrides or {})
     except ConfigError as exc:
         raise ConfigError(f"{params_path}: {exc}") from None
     return build_config(model, section, where=f"{params_path}:{stage}")

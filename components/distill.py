@@ -22,31 +22,20 @@ resumes from its last checkpoint (the full profile distils for hours on a CPU).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from components import artifacts
+from components.artifact_types import MODEL, Provenance, read_curated, read_mined, write_model
 from components.config import ConfigError, StageConfig, params_digest
-from components.curate import CURATED_KIND, CURATED_SCHEMA
-from components.mine import MINED_KIND, MINED_SCHEMA
-from components.train import (
-    MODEL_KIND,
-    MODEL_SCHEMA,
-    accelerator_metrics,
-    dev_evaluator,
-    publish_model,
-    start_checkpoints,
-    training_arguments,
-)
+from components.training import accelerator_metrics, dev_evaluator, start_checkpoints, training_arguments
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -54,28 +43,47 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGE = "distill"
-MATRYOSHKA_FILE = "embedforge_matryoshka.json"
 
 
 class DistillConfig(StageConfig):
-    layers: list[int] = Field(default_factory=lambda: [0, 4, 5], min_length=1)
-    matryoshka_dims: list[int] = Field(default_factory=lambda: [384, 256, 128, 64, 32], min_length=1)
-    pca_rotation: bool = True
-    contrastive_weight: float = Field(1.0, ge=0)
-    contrastive_pairs: int | None = Field(None, ge=8)
-    distill_texts: int | None = Field(None, ge=8)
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(64, ge=2)
-    learning_rate: float = Field(1e-4, gt=0, lt=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_seq_length: int = Field(128, ge=8, le=512)
-    serve_max_seq_length: int = Field(128, ge=8, le=512)
-    eval_steps: int = Field(100, ge=1)
-    dev_queries: int = Field(500, ge=10)
-    dev_corpus: int = Field(2000, ge=10)
-    teacher_batch_size: int = Field(64, ge=1)
-    cpu_bf16: bool | Literal["auto"] = "auto"
-    seed: int = 42
+    """The `distill` params; params.yaml's base section equals these defaults (test_params_defaults.py)."""
+
+    layers: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 4, 5], min_length=1,
+        description="Teacher layers the student keeps (ascending; keep the last: bench/student_layers.py).")
+    matryoshka_dims: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [384, 256, 128, 64, 32], min_length=1,
+        description="Nested dims trained by MatryoshkaLoss (descending); first = teacher dim.")
+    pca_rotation: bool = Field(
+        True,
+        description="Learn the teacher's space rotated onto its principal axes: no cosine changes, but the "
+                    "leading dims hold the most variance (bench/prefix_rotation.py).")
+    contrastive_weight: float = Field(
+        1.0, ge=0, description="Weight of the Matryoshka MNRL term on mined triplets; 0 = pure distillation.")
+    contrastive_pairs: int | None = Field(
+        2500, ge=8, description="Mined triplets sampled for the contrastive term; null = all.")
+    distill_texts: int | None = Field(
+        7000, ge=8, description="Queries + passages whose teacher embeddings the student learns; null = all.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the distillation data.")
+    batch_size: int = Field(64, ge=2, description="Texts per batch.")
+    learning_rate: float = Field(
+        1e-4, gt=0, lt=1,
+        description="Peak learning rate: higher than fine-tuning, as three layers are re-wired.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warm-up share of steps.")
+    max_seq_length: int = Field(
+        128, ge=8, le=512,
+        description="Tokens per text for the student (and the teacher targets) while training.")
+    serve_max_seq_length: int = Field(
+        128, ge=8, le=512,
+        description="Tokens per text the published student encodes: 86% of Debian passages fit (98% in 256); "
+                    "with fewer layers, where the student's speed comes from.")
+    eval_steps: int = Field(45, ge=1, description="Dev evaluation and checkpoint every this many steps.")
+    dev_queries: int = Field(500, ge=10, description="Dev queries in the in-training evaluation.")
+    dev_corpus: int = Field(1000, ge=10, description="Dev passages in that evaluation.")
+    teacher_batch_size: int = Field(64, ge=1, description="Texts per batch when computing teacher targets.")
+    cpu_bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast on CPU: auto | true | false (as in train).")
+    seed: int = Field(42, description="Data order and sampling seed.")
 
     @field_validator("matryoshka_dims")
     @classmethod
@@ -160,14 +168,12 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     from components.embed import encode, load_model
 
     started = time.perf_counter()
-    teacher_manifest = artifacts.read_manifest(paths.teacher, kind=MODEL_KIND, schema_version=MODEL_SCHEMA)
-    mined_manifest = artifacts.read_manifest(paths.mined, kind=MINED_KIND, schema_version=MINED_SCHEMA)
-    curated_manifest = artifacts.read_manifest(paths.curated, kind=CURATED_KIND, schema_version=CURATED_SCHEMA)
+    teacher_manifest = MODEL.read_manifest(paths.teacher)
+    mined_artifact, curated = read_mined(paths.mined), read_curated(paths.curated)
+    mined_manifest, curated_manifest, mined = mined_artifact.manifest, curated.manifest, mined_artifact.pairs
     check_against_teacher(config, teacher_manifest.counts["layers"], teacher_manifest.counts["dim"])
     teacher = load_model(str(paths.teacher), max_seq_length=config.max_seq_length)
-    mined = pd.read_parquet(paths.mined / "pairs.parquet")
-    evaluator = dev_evaluator(pd.read_parquet(paths.curated / "pairs.parquet"), queries=config.dev_queries,
-                              corpus=config.dev_corpus, seed=config.seed)
+    evaluator = dev_evaluator(curated.pairs, queries=config.dev_queries, corpus=config.dev_corpus, seed=config.seed)
 
     texts = pd.unique(pd.concat([mined["query"], mined["positive"]])).tolist()
     if config.distill_texts is not None and len(texts) > config.distill_texts:
@@ -215,11 +221,12 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
         "seconds": time.perf_counter() - started,
     }
     if trainer.is_world_process_zero():
-        publish_model(student, paths.output, stage=STAGE, digest=params_digest(config), metrics=metrics,
-                      inputs={"teacher": teacher_manifest.fingerprint, "mined": mined_manifest.fingerprint},
-                      extra={"layers_from_teacher": config.layers, "matryoshka_dims": config.matryoshka_dims,
-                             "pca_rotation": config.pca_rotation},
-                      files={MATRYOSHKA_FILE: json.dumps({"matryoshka_dims": config.matryoshka_dims})})
+        provenance = Provenance(STAGE, params_digest(config), {"teacher": teacher_manifest.fingerprint,
+                                                               "mined": mined_manifest.fingerprint})
+        write_model(student, paths.output, provenance, metrics=metrics,
+                    extra={"layers_from_teacher": config.layers, "matryoshka_dims": config.matryoshka_dims,
+                           "pca_rotation": config.pca_rotation},
+                    matryoshka_dims=config.matryoshka_dims)
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
     log.info("distill: %d-layer student, dev nDCG@10 %.4f (teacher %.4f) in %.0fs", len(config.layers), student_dev,
              teacher_dev, metrics["seconds"])
@@ -236,32 +243,19 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.distill` / `embedforge distill`."""
     from components.cli import (
         StageOutcome,
-        artifact_in,
-        artifact_out,
-        local_path,
         parse_stage_args,
         run_stage,
         stage_parser,
     )
 
-    parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--teacher", type=artifact_in(MODEL_KIND, MODEL_SCHEMA),
-                        default="models/teacher", help="teacher model artifact")
-    parser.add_argument("--mined", type=artifact_in(MINED_KIND, MINED_SCHEMA),
-                        default="data/mined", help="mined pairs artifact")
-    parser.add_argument("--curated", type=artifact_in(CURATED_KIND, CURATED_SCHEMA),
-                        default="data/curated", help="curated pairs (dev split)")
-    parser.add_argument("--output", type=artifact_out, default="models/student", help="student model artifact")
-    parser.add_argument("--checkpoints", type=local_path, default=Path("checkpoints/student"), help="checkpoint dir")
-    parser.add_argument("--metrics", type=local_path, default=Path("metrics/distill.json"), help="metrics JSON for DVC")
+    parser = stage_parser(STAGE, DistillConfig)
     args, config = parse_stage_args(parser, argv, DistillConfig, STAGE)
     paths = DistillPaths(teacher=args.teacher, mined=args.mined, curated=args.curated, output=args.output,
                          checkpoints=args.checkpoints)
 
     def work() -> StageOutcome:
         metrics = distill(config, paths)
-        fingerprint = artifacts.read_manifest(paths.teacher, kind=MODEL_KIND, schema_version=MODEL_SCHEMA,
-                                              verify=False).fingerprint
+        fingerprint = MODEL.read_manifest(paths.teacher, verify=False).fingerprint
         return StageOutcome(metrics=metrics, data_fingerprint=fingerprint)
 
     run_stage(STAGE, args, config, work, args.metrics)

@@ -14,7 +14,6 @@ For a quick look at any model on any BEIR directory (exact float search only):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -26,41 +25,56 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from components import artifacts
-from components.config import StageConfig, params_digest
-from components.curate import BEIR_KIND, BEIR_SCHEMA
-from components.data import BeirDataset, read_beir
-from components.embed import truncate
-from components.index import INDEX_KIND, INDEX_SCHEMA, IndexRecord, IndexSet, load_indexes, read_index
-from components.quantize import (
-    QUANTIZED_KIND,
-    QUANTIZED_SCHEMA,
+from components.artifact_types import (
+    BEIR,
+    INDEXES,
+    IndexRecord,
+    IndexSet,
+    Provenance,
     QuantizedCorpus,
     binary_codes,
     dequantize_int8,
-    load_quantized,
+    read_index,
+    read_indexes,
+    read_quantized,
+    write_evaluation,
 )
+from components.artifacts import ArtifactError
+from components.config import StageConfig, params_digest
+from components.data import BeirDataset, read_beir
+from components.embed import truncate
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-EVALUATION_KIND = "evaluation"
-EVALUATION_SCHEMA = 1
 QUICK_DIMS = [384, 256, 128, 64, 32]
 _TREC_MEASURES = {"ndcg_cut.10": "ndcg@10", "recall.100": "recall@100"}
 
 
 class EvaluateConfig(StageConfig):
-    batch_size: int = Field(64, ge=1)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    top_k: int = Field(100, ge=10)
-    hnsw_ef_search: int = Field(128, ge=1)  # HNSW candidate list at query time (raised to k when smaller)
-    rescore_multiplier: int = Field(4, ge=1)  # binary search fetches top_k x this, then rescores
-    rescore_with: Literal["int8", "float32"] = "int8"  # document vectors the float query rescores against
-    latency_queries: int = Field(200, ge=10)  # single-query searches timed per index
-    serve_model: str = "student"  # the model the operating point is chosen for (and the gate registers)
-    max_bytes_per_vector: float | None = Field(None, gt=0)  # operating-point budget; None = no limit
-    max_p99_ms: float | None = Field(None, gt=0)  # operating-point budget; None = no limit
+    """The `evaluate` params; params.yaml's base section equals these defaults (test_params_defaults.py)."""
+
+    batch_size: int = Field(64, ge=1, description="Queries per encode batch.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="float32 | bfloat16 query encoding.")
+    top_k: int = Field(100, ge=10, description="Documents retrieved per query (Recall@100 needs 100).")
+    hnsw_ef_search: int = Field(
+        128, ge=1,
+        description="HNSW query-time candidate list (at least top_k x rescore_multiplier is used).")
+    rescore_multiplier: int = Field(
+        4, ge=1, description="Binary search fetches top_k x this by Hamming distance, then rescores.")
+    rescore_with: Literal["int8", "float32"] = Field(
+        "int8",
+        description="int8 | float32: document vectors the float query rescores binary candidates against.")
+    latency_queries: int = Field(
+        200, ge=10, description="Single-query searches timed per index for p50/p99.")
+    serve_model: str = Field(
+        "student",
+        description="The model whose operating point is chosen and registered (the register gate's "
+                    "candidate).")
+    max_bytes_per_vector: float | None = Field(
+        64.0, gt=0, description="Operating-point budget: index bytes per document; null = no limit.")
+    max_p99_ms: float | None = Field(
+        10.0, gt=0, description="Operating-point budget: single-query p99 latency in ms; null = no limit.")
 
 
 @dataclass(frozen=True)
@@ -225,10 +239,10 @@ def choose_operating_point(rows: list[GridRow], config: EvaluateConfig) -> tuple
 def check_same_corpus(quantized: QuantizedCorpus, indexes: IndexSet, beir_fingerprint: str, beir_dir: Path) -> None:
     """The index must come from this quantize artifact, and that from this BEIR directory."""
     if indexes.manifest.inputs.get("quantized") != quantized.manifest.fingerprint:
-        raise artifacts.ArtifactError(f"{indexes.path}: built from another quantize artifact than {quantized.path}; "
+        raise ArtifactError(f"{indexes.path}: built from another quantize artifact than {quantized.path}; "
                                       f"re-run the index stage")
     if quantized.manifest.inputs.get("beir") != beir_fingerprint:
-        raise artifacts.ArtifactError(f"{quantized.path}: embeds another corpus than {beir_dir}; re-run quantize "
+        raise ArtifactError(f"{quantized.path}: embeds another corpus than {beir_dir}; re-run quantize "
                                       f"on it (`dvc repro quantize`)")
 
 
@@ -237,9 +251,9 @@ def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, i
     from components.embed import encode, load_model
 
     started = time.perf_counter()
-    beir_fingerprint = artifacts.read_manifest(beir_dir, kind=BEIR_KIND, schema_version=BEIR_SCHEMA).fingerprint
-    quantized = load_quantized(quantized_dir)
-    indexes = load_indexes(index_dir)
+    beir_fingerprint = BEIR.read_manifest(beir_dir).fingerprint
+    quantized = read_quantized(quantized_dir)
+    indexes = read_indexes(index_dir)
     check_same_corpus(quantized, indexes, beir_fingerprint, beir_dir)
     dataset = read_beir(beir_dir)
     query_ids = list(dataset.qrels)
@@ -400,16 +414,12 @@ def report_markdown(result: EvaluateResult, config: EvaluateConfig, beir_dir: Pa
 
 def publish_evaluation(result: EvaluateResult, config: EvaluateConfig, output: Path, inputs: dict[str, str]) -> None:
     """The gate's input: the grid and the chosen operating point, as a verified artifact."""
-    with artifacts.publish(output, kind=EVALUATION_KIND, schema_version=EVALUATION_SCHEMA, stage=STAGE,
-                           params_digest=params_digest(config), inputs=inputs) as (tmp, meta):
-        (tmp / "grid.json").write_text(json.dumps([asdict(row) for row in result.grid], indent=1) + "\n")
-        (tmp / "operating_point.json").write_text(json.dumps({
-            "chosen": asdict(result.chosen) if result.chosen else None, "reason": result.choice_reason,
-            "serve_model": config.serve_model, "budgets": {"max_bytes_per_vector": config.max_bytes_per_vector,
-                                                           "max_p99_ms": config.max_p99_ms},
-            "rescore": {"multiplier": config.rescore_multiplier, "with": config.rescore_with},
-            "hnsw_ef_search": config.hnsw_ef_search}, indent=2) + "\n")
-        meta["counts"] = {"rows": len(result.grid)}
+    write_evaluation(output, [asdict(row) for row in result.grid], {
+        "chosen": asdict(result.chosen) if result.chosen else None, "reason": result.choice_reason,
+        "serve_model": config.serve_model, "budgets": {"max_bytes_per_vector": config.max_bytes_per_vector,
+                                                       "max_p99_ms": config.max_p99_ms},
+        "rescore": {"multiplier": config.rescore_multiplier, "with": config.rescore_with},
+        "hnsw_ef_search": config.hnsw_ef_search}, Provenance(STAGE, params_digest(config), inputs))
 
 
 # --- quick mode: any model, any BEIR directory, exact float search ---
@@ -446,10 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.evaluate` / `embedforge evaluate`."""
     from components.cli import (
         StageOutcome,
-        artifact_in,
-        artifact_out,
         configure_logging,
-        local_path,
         parse_stage_args,
         prepare_stage,
         run_stage,
@@ -457,22 +464,9 @@ def main(argv: list[str] | None = None) -> None:
         write_text_atomic,
     )
 
-    parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--beir", type=artifact_in(BEIR_KIND, BEIR_SCHEMA, manifest_optional=True),
-                        default="data/beir/debian-test",
-                        help="BEIR directory (queries, qrels): curate's artifact, or any BEIR directory with --model")
-    parser.add_argument("--quantized", type=artifact_in(QUANTIZED_KIND, QUANTIZED_SCHEMA),
-                        default="data/quantized", help="quantize artifact")
-    parser.add_argument("--index", type=artifact_in(INDEX_KIND, INDEX_SCHEMA),
-                        default="data/index", help="index artifact")
-    parser.add_argument("--output", type=artifact_out, default="data/evaluation",
-                        help="evaluation artifact (grid + operating point) for the register stage")
+    parser = stage_parser(STAGE, EvaluateConfig)
     parser.add_argument("--model", action="append", default=None, metavar="[NAME=]PATH",
                         help="quick mode: exact float search with this model on --beir (repeatable); no artifacts")
-    parser.add_argument("--metrics", type=local_path, default=Path("metrics/evaluate.json"), help="metrics JSON for DVC")
-    parser.add_argument("--report", type=local_path, default=Path("reports/evaluation.md"),
-                        help="Markdown report; its PNG plots are written beside it")
-    parser.add_argument("--plots", type=local_path, default=Path("plots"), help="folder of CSV plot data for DVC")
     args = parser.parse_args(argv)
     if args.model:  # quick mode reads --beir and the models only: the pipeline's artifacts are no inputs then
         args.quantized = args.index = args.output = None
@@ -492,8 +486,7 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate_grid(config, args.beir, args.quantized, args.index)
         publish_evaluation(result, config, args.output, inputs={
             "beir": result.data_fingerprint,
-            "index": artifacts.read_manifest(args.index, kind=INDEX_KIND, schema_version=INDEX_SCHEMA,
-                                             verify=False).fingerprint})
+            "index": INDEXES.read_manifest(args.index, verify=False).fingerprint})
         images = draw_plots(result, config, args.report.parent)
         write_text_atomic(args.report, report_markdown(result, config, args.beir, images))
         write_text_atomic(args.plots / "ndcg_vs_dim.csv",

@@ -26,26 +26,34 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from components import artifacts
+from components.artifact_types import Provenance, read_curated, read_embeddings, write_mined
 from components.config import StageConfig, params_digest
-from components.curate import CURATED_KIND, CURATED_SCHEMA, EMBEDDINGS_KIND, EMBEDDINGS_SCHEMA
 from components.text import text_key
 
 log = logging.getLogger(__name__)
 
 STAGE = "mine"
-MINED_KIND, MINED_SCHEMA = "mined_pairs", 1
 
 
 class MineConfig(StageConfig):
-    num_negatives: int = Field(3, ge=1, le=64)
-    range_min: int = Field(0, ge=0)
-    range_max: int = Field(50, ge=2)
-    max_score_ratio: float = Field(0.95, gt=0.0, le=1.0)
-    duplicate_threshold: float = Field(0.95, gt=0.0, le=1.0)
-    query_batch_size: int = Field(128, ge=1)
-    query_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    max_queries: int | None = Field(None, ge=1)
-    seed: int = 42
+    """The `mine` params; params.yaml's base section equals these defaults (test_params_defaults.py)."""
+
+    num_negatives: int = Field(3, ge=1, le=64, description="Hard negatives kept per query.")
+    range_min: int = Field(0, ge=0, description="Skip this many top-ranked candidates first.")
+    range_max: int = Field(50, ge=2, description="Look no deeper than this rank.")
+    max_score_ratio: float = Field(
+        0.95, gt=0.0, le=1.0,
+        description="Drop candidates scoring > ratio x the positive's score (NV-Retriever TopK-PercPos).")
+    duplicate_threshold: float = Field(
+        0.95, gt=0.0, le=1.0,
+        description="Drop candidates whose cosine to the positive passage exceeds this (near-duplicates).")
+    query_batch_size: int = Field(128, ge=1, description="Queries per encode batch.")
+    query_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="auto | float32 | bfloat16 for encoding queries (passages come cached from curate).")
+    max_queries: int | None = Field(
+        None, ge=1, description="Mine for at most this many train queries; null = all.")
+    seed: int = Field(42, description="Sampling seed when max_queries is set.")
 
     @model_validator(mode="after")
     def _check(self) -> MineConfig:
@@ -71,19 +79,6 @@ class MineResult:
     negative_scores: np.ndarray
     removed_scores: np.ndarray
     data_fingerprint: str
-
-
-def load_embeddings(path: Path) -> tuple[artifacts.Manifest, np.ndarray, list[str]]:
-    """The cached passage embeddings written by curate, checked against their manifest."""
-    manifest = artifacts.read_manifest(path, kind=EMBEDDINGS_KIND, schema_version=EMBEDDINGS_SCHEMA)
-    vectors = np.load(path / "embeddings.npy", allow_pickle=False)
-    ids = pd.read_parquet(path / "ids.parquet")["id"].tolist()
-    if vectors.shape != (manifest.counts["vectors"], manifest.counts["dim"]) or len(ids) != len(vectors):
-        raise artifacts.ArtifactError(
-            f"{path}: embeddings shape {vectors.shape} and {len(ids)} ids disagree with the manifest counts "
-            f"{manifest.counts}; re-run curate"
-        )
-    return manifest, vectors, ids
 
 
 @dataclass(frozen=True)
@@ -145,9 +140,10 @@ def mine(config: MineConfig, paths: MinePaths) -> MineResult:
     from components.embed import encode, load_model
 
     started = time.perf_counter()
-    curated_manifest = artifacts.read_manifest(paths.curated, kind=CURATED_KIND, schema_version=CURATED_SCHEMA)
-    embeddings_manifest, vectors, embedded_ids = load_embeddings(paths.embeddings)
-    pairs = pd.read_parquet(paths.curated / "pairs.parquet")
+    curated = read_curated(paths.curated)
+    embeddings = read_embeddings(paths.embeddings)
+    curated_manifest, pairs = curated.manifest, curated.pairs
+    embeddings_manifest, vectors, embedded_ids = embeddings.manifest, embeddings.vectors, embeddings.ids
     train = pairs[pairs["split"] == "train"].reset_index(drop=True)
     if config.max_queries is not None and len(train) > config.max_queries:
         train = train.sample(n=config.max_queries, random_state=config.seed).sort_values("id").reset_index(drop=True)
@@ -199,13 +195,10 @@ def mine(config: MineConfig, paths: MinePaths) -> MineResult:
         "encode_queries_per_s": queries.per_second,
         "seconds": time.perf_counter() - started,
     }
-    with artifacts.publish(
-        paths.output, kind=MINED_KIND, schema_version=MINED_SCHEMA, stage=STAGE, params_digest=params_digest(config),
-        inputs={"curated": curated_manifest.fingerprint, "embeddings": embeddings_manifest.fingerprint},
-    ) as (tmp, meta):
-        mined.to_parquet(tmp / "pairs.parquet", index=False)
-        meta["counts"] = {"rows": len(mined), "negatives_per_query": config.num_negatives}
-        meta["extra"] = {"columns": list(mined.columns), "embedding_model": model_ref}
+    provenance = Provenance(STAGE, params_digest(config), {"curated": curated_manifest.fingerprint,
+                                                           "embeddings": embeddings_manifest.fingerprint})
+    write_mined(paths.output, mined, provenance, config.num_negatives,
+                extra={"columns": list(mined.columns), "embedding_model": model_ref})
     log.info(
         "mine: %d/%d queries mined, %d candidates seen, %d false negatives and %d duplicates removed in %.0fs",
         len(mined), len(train), selection.candidates_seen, selection.false_negatives_removed,
@@ -246,23 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.mine` / `embedforge mine`."""
     from components.cli import (
         StageOutcome,
-        artifact_in,
-        artifact_out,
-        local_path,
         parse_stage_args,
         run_stage,
         stage_parser,
     )
 
-    parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--curated", type=artifact_in(CURATED_KIND, CURATED_SCHEMA),
-                        default="data/curated", help="curated pairs artifact")
-    parser.add_argument("--embeddings", type=artifact_in(EMBEDDINGS_KIND, EMBEDDINGS_SCHEMA),
-                        default="data/embeddings/base",
-                        help="base-model passage embeddings artifact from curate")
-    parser.add_argument("--output", type=artifact_out, default="data/mined", help="mined pairs artifact")
-    parser.add_argument("--metrics", type=local_path, default=Path("metrics/mine.json"), help="metrics JSON for DVC")
-    parser.add_argument("--plot", type=local_path, default=Path("plots/mine_scores.png"), help="score histogram")
+    parser = stage_parser(STAGE, MineConfig)
     args, config = parse_stage_args(parser, argv, MineConfig, STAGE)
     paths = MinePaths(curated=args.curated, embeddings=args.embeddings, output=args.output)
 

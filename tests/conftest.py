@@ -1,10 +1,14 @@
-"""Shared fixtures: a tiny random sentence-transformers model built locally, and small pair files."""
+"""Shared fixtures: a tiny random sentence-transformers model built locally, small pair files, and the one
+`dvc repro` smoke run a session shares (tests/e2e compares orchestrators with it, tests/model checks its
+models)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,7 +27,6 @@ settings.register_profile("embedforge", database=None, deadline=None)
 settings.load_profile("embedforge")
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "embedforge-hypothesis")  # its constants cache too
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TOPICS = (
     "audio", "video", "network", "database", "compiler", "editor", "python", "fonts",
@@ -121,12 +124,12 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-layer, 32-dim random model published as a teacher artifact, for distillation tests."""
     from sentence_transformers import SentenceTransformer
 
-    from components.train import publish_model
+    from components.artifact_types import Provenance, write_model
 
     source = build_tiny_model(tmp_path_factory.mktemp("tiny-teacher-src"), layers=4)
     target = tmp_path_factory.mktemp("tiny-teacher") / "teacher"
-    publish_model(SentenceTransformer(str(source), device="cpu"), target, stage="train", digest="test", metrics={},
-                  inputs={}, extra={})
+    write_model(SentenceTransformer(str(source), device="cpu"), target, Provenance("train", "test", {}), metrics={},
+                extra={})
     return target
 
 
@@ -135,7 +138,7 @@ def training_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     """Curated (192 train + 48 dev) and mined artifacts over 240 synthetic pairs: what train and distill read."""
     import pandas as pd
 
-    from components import artifacts
+    from components.artifact_types import Provenance, write_curated, write_mined
 
     root = tmp_path_factory.mktemp("training-inputs")
     topics = [f"{topic} {flavour}" for topic in TOPICS for flavour in ("tools", "library", "docs", "server")]
@@ -146,20 +149,15 @@ def training_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
                      "package": f"p{index}", "source": f"s{index}", "split": "dev" if index % 5 == 0 else "train"})
     pairs = pd.DataFrame(rows)
     curated = root / "curated"
-    with artifacts.publish(curated, kind="curated_pairs", schema_version=1, stage="curate", params_digest="t") as (
-            tmp, meta):
-        pairs.to_parquet(tmp / "pairs.parquet", index=False)
-        pd.DataFrame(columns=["dropped_id", "kept_id", "similarity", "reason", "cluster"]).to_parquet(
-            tmp / "audit.parquet", index=False)
+    audit = pd.DataFrame(columns=["dropped_id", "kept_id", "similarity", "reason", "cluster"])
+    write_curated(curated, pairs, audit, Provenance("curate", "t", {}), ("train", "dev", "test"))
     train = pairs[pairs["split"] == "train"].reset_index(drop=True)
     mined = train[["id", "query", "positive"]].copy()
     for slot in (1, 2):
         mined[f"negative_{slot}"] = train["positive"].iloc[[(i + 7 * slot) % len(train) for i in range(len(train))]].tolist()
     mined["negative_ids"] = [[] for _ in range(len(mined))]
     mined_dir = root / "mined"
-    with artifacts.publish(mined_dir, kind="mined_pairs", schema_version=1, stage="mine", params_digest="t") as (
-            tmp, meta):
-        mined.to_parquet(tmp / "pairs.parquet", index=False)
+    write_mined(mined_dir, mined, Provenance("mine", "t", {}), negatives_per_query=2, extra={})
     return curated, mined_dir
 
 
@@ -170,8 +168,8 @@ def retrieval_stack(tmp_path_factory: pytest.TempPathFactory, training_inputs: t
     96 documents), int8 calibrated on the train split, every index type at dims 32/16/8."""
     import pandas as pd
 
-    from components import artifacts
-    from components.data import BeirDataset, write_beir
+    from components.artifact_types import Provenance, write_beir_artifact
+    from components.data import BeirDataset
     from components.index import IndexConfig, build_indexes
     from components.quantize import QuantizeConfig, QuantizePaths, quantize
 
@@ -186,11 +184,48 @@ def retrieval_stack(tmp_path_factory: pytest.TempPathFactory, training_inputs: t
         qrels={pair_id: {pair_id: 1} for pair_id in dev["id"]},
     )
     beir = root / "beir"
-    with artifacts.publish(beir, kind="beir", schema_version=1, stage="curate", params_digest="t") as (tmp, meta):
-        write_beir(tmp, dataset)
+    write_beir_artifact(beir, dataset, Provenance("curate", "t", {}))
     quantized = root / "quantized"
     quantize(QuantizeConfig(models={"student": str(tiny_model_dir)}, dims=[32, 16, 8], calibration_texts=100,
                             batch_size=16), QuantizePaths(beir=beir, curated=curated, output=quantized))
     index = root / "index"
     build_indexes(IndexConfig(hnsw_m=8, hnsw_ef_construction=32), quantized, index)
     return {"beir": beir, "curated": curated, "quantized": quantized, "index": index, "student": tiny_model_dir}
+
+
+# What tests/model reads of the smoke run, copied as soon as `dvc repro` ends: e2e tests go on to change the
+# project (one re-distills a deliberately worse student), and a session runs tests/e2e before tests/model.
+SMOKE_ARTIFACTS = ("models/teacher", "models/student", "data/beir/debian-test", "data/curated")
+
+
+@pytest.fixture(scope="session")
+def dvc_smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh copy of the project after `dvc repro` of the smoke profile (tests may go on changing it)."""
+    from tests.e2e.project import run_dvc, save_smoke_results, tracked_copy, use_profile
+
+    project = tracked_copy(tmp_path_factory.mktemp("smoke"))
+    use_profile(project, "smoke")
+    started = time.perf_counter()
+    result = run_dvc(project, "repro")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    print(f"dvc repro, smoke profile: {time.perf_counter() - started:.0f}s")
+    save_smoke_results(project)
+    snapshot = tmp_path_factory.getbasetemp() / "smoke-artifacts"
+    for name in SMOKE_ARTIFACTS:
+        shutil.copytree(project / name, snapshot / name)
+    return project
+
+
+@pytest.fixture(scope="session")
+def dvc_smoke_results(dvc_smoke_project: Path) -> Path:
+    """Metrics and manifests of that run, saved before any test changed the project."""
+    from tests.e2e.project import SMOKE_RESULTS
+
+    return SMOKE_RESULTS
+
+
+@pytest.fixture(scope="session")
+def dvc_smoke_artifacts(dvc_smoke_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SMOKE_ARTIFACTS of that run (teacher, student, BEIR test split, curated pairs) at the same relative
+    paths, copied before any test changed the project."""
+    return tmp_path_factory.getbasetemp() / "smoke-artifacts"

@@ -29,8 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tests.code.bad_input_cases import RunOutcome, Workspace, fingerprints, leftovers, run_stage, snapshot, write_inputs
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO_ROOT
 
 # Runs the curate CLI; an audit hook holds the process when it opens the manifest of the embeddings artifact in
 # its temporary directory (all data files written, nothing published), so that the kill lands exactly there.

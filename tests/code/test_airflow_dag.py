@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from components.cli import STAGES
+from components.stages import STAGES as STAGE_TABLE
+from tests.helpers import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
+STAGES = list(STAGE_TABLE)
+
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="embedforge-airflow-home-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
@@ -30,7 +32,7 @@ RUN_ID = "manual__2026-11-23T03:00:00+00:00"
 def dagbag() -> Any:
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(REPO / "dags"))
+    return DagBag(dag_folder=str(REPO_ROOT / "dags"))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,8 @@ def dag(dagbag: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def retrain_module() -> Any:
-    spec = importlib.util.spec_from_file_location("embedforge_retrain", REPO / "dags" / "embedforge_retrain.py")
+    spec = importlib.util.spec_from_file_location("embedforge_retrain",
+                                                  REPO_ROOT / "dags" / "embedforge_retrain.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # pydantic resolves the settings' annotations through it
     spec.loader.exec_module(module)
@@ -69,7 +72,7 @@ def test_every_stage_is_a_task_in_both_modes_in_pipeline_order_without_cycles(da
 def test_dag_runs_weekly_by_the_params_cron_and_when_raw_data_is_updated(dag: Any, retrain_module: Any) -> None:
     from airflow.timetables.assets import AssetOrTimeSchedule
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     assert isinstance(dag.timetable, AssetOrTimeSchedule)
     assert dag.timetable.timetable._expression == params["airflow"]["schedule"]
     assert retrain_module.RAW_PAIRS.uri.endswith(params["airflow"]["raw_pairs"])
@@ -93,7 +96,7 @@ def test_every_trigger_form_param_has_a_type_and_a_description(dag: Any) -> None
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("eps", 0.9), ("eps", "0.1"), ("num_negatives", 0), ("epochs", 0), ("profile", "tiny"),
+    ("eps", 1.5), ("eps", "0.1"), ("num_negatives", 0), ("epochs", 0), ("profile", "tiny"),
     ("mode", "cloud"), ("student_layers", [-1]), ("matryoshka_dims", []),
 ])
 def test_trigger_form_rejects_out_of_range_or_mistyped_values(dag: Any, name: str, value: Any) -> None:
@@ -104,7 +107,7 @@ def test_trigger_form_rejects_out_of_range_or_mistyped_values(dag: Any, name: st
 
 
 def test_each_stage_gets_the_artifact_flags_dvc_yaml_gives_it(dag: Any, retrain_module: Any) -> None:
-    dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    dvc_stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
     layout = retrain_module.plan_run(_default_params(dag), RUN_ID, "local")
     for stage in STAGES:
         dvc_flags = {part for part in shlex.split(dvc_stages[stage]["cmd"]) if part.startswith("--")}
@@ -117,7 +120,7 @@ def test_plan_puts_a_run_under_its_own_directory_and_turns_params_into_overrides
                                                                                   retrain_module: Any) -> None:
     params = _default_params(dag) | {"profile": "smoke", "eps": 0.1, "student_layers": [0, 3], "epochs": None}
     layout = retrain_module.plan_run(params, RUN_ID, "local")
-    assert layout["run_dir"] == str(REPO / "airflow_runs" / "manual__2026-11-23T03_00_00_00_00")
+    assert layout["run_dir"] == str(REPO_ROOT / "airflow_runs" / "manual__2026-11-23T03_00_00_00_00")
     assert all(path.startswith(layout["run_dir"]) for name, path in layout["artifacts"].items() if name != "raw_pairs")
     curate, distill, train = layout["argv"]["curate"], layout["argv"]["distill"], layout["argv"]["train"]
     assert curate[curate.index("--profile") + 1] == "smoke"
@@ -125,7 +128,8 @@ def test_plan_puts_a_run_under_its_own_directory_and_turns_params_into_overrides
     assert distill[distill.index("--set") + 1] == "layers=[0, 3]"
     assert "--set" not in train  # an empty Param keeps the profile's value
     quantize = layout["argv"]["quantize"]
-    assert f'"student": "{layout["artifacts"]["student"]}"' in quantize[quantize.index("--set") + 1]
+    assert quantize[quantize.index("--student") + 1] == layout["artifacts"]["student"]
+    assert "--set" not in quantize  # base_model empty: the profile's quantize.models.base
 
 
 class PlanXCom:
@@ -162,7 +166,7 @@ def test_kubernetes_mode_renders_a_pod_running_the_stage_cli_on_the_project_imag
     pod = operator.build_pod_request_obj()
 
     container = pod.spec.containers[0]
-    gpu = stage in ("train", "distill")
+    gpu = STAGE_TABLE[stage].gpu
     assert container.image == (settings.cuda_image if gpu else settings.cpu_image)
     assert container.command == ["embedforge"]
     assert container.args == layout["argv"][stage]

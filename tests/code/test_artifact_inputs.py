@@ -13,32 +13,12 @@ import pytest
 
 from components.artifacts import publish
 from components.cli import main as embedforge
+from components.stages import STAGES, Port
+from tests.helpers import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
 SCHEMA = 1
-# stage -> its input artifact flags and the kind each must be, in the order the CLI declares them
-INPUTS = {
-    "mine": {"--curated": "curated_pairs", "--embeddings": "embeddings"},
-    "train": {"--mined": "mined_pairs", "--curated": "curated_pairs"},
-    "distill": {"--teacher": "sentence_transformer", "--mined": "mined_pairs", "--curated": "curated_pairs"},
-    "quantize": {"--beir": "beir", "--curated": "curated_pairs"},
-    "index": {"--quantized": "quantized_embeddings"},
-    "evaluate": {"--beir": "beir", "--quantized": "quantized_embeddings", "--index": "faiss_indexes"},
-    "register": {"--student": "sentence_transformer", "--quantized": "quantized_embeddings",
-                 "--evaluation": "evaluation"},
-}
-OUTPUTS = {  # stage -> output flags (artifact, metrics and the like) pointed into the test's directory
-    "mine": ["--output", "--metrics", "--plot"],
-    "train": ["--output", "--checkpoints", "--metrics"],
-    "distill": ["--output", "--checkpoints", "--metrics"],
-    "quantize": ["--output", "--metrics"],
-    "index": ["--output", "--metrics"],
-    "evaluate": ["--output", "--metrics", "--report", "--plots"],
-    "register": ["--metrics"],
-}
-# inputs that may also be a plain directory (any BEIR set; any sentence-transformers model): without a manifest
-# the stage's own reader checks them, so only a manifest that is wrong or does not match is refused up front
-MANIFEST_OPTIONAL = {("evaluate", "--beir"), ("register", "--student")}
+# every input artifact of every stage in the table; a plain input file (curate's raw pairs) has no manifest
+CASES_BY_STAGE = {name: [port for port in stage.inputs if port.kind is not None] for name, stage in STAGES.items()}
 
 
 def _artifact(path: Path, kind: str) -> Path:
@@ -49,11 +29,12 @@ def _artifact(path: Path, kind: str) -> Path:
 
 
 def _run(stage: str, inputs: dict[str, Path], out: Path) -> int:
-    argv = [stage, "--params", str(REPO / "params.yaml"), "--profile", "smoke", "--no-tracking"]
+    """The stage CLI on these inputs, every output (artifact, metrics, plots...) pointed into `out`."""
+    argv = [stage, "--params", str(REPO_ROOT / "params.yaml"), "--profile", "smoke", "--no-tracking"]
     for flag, path in inputs.items():
         argv += [flag, str(path)]
-    for flag in OUTPUTS[stage]:
-        argv += [flag, str(out / flag.removeprefix("--"))]
+    for port in STAGES[stage].outputs:
+        argv += [port.flag, str(out / port.name)]
     return embedforge(argv)
 
 
@@ -75,22 +56,23 @@ def _not_an_artifact(path: Path, kind: str) -> str:
     return r"no manifest\.json; this is not an embedforge artifact or it was never completed"
 
 
-CASES = [(stage, flag, fault) for stage, flags in INPUTS.items() for flag in flags
+CASES = [(stage, port, fault) for stage, ports in CASES_BY_STAGE.items() for port in ports
          for fault in (_wrong_kind, _tampered, _not_an_artifact)
-         if not (fault is _not_an_artifact and (stage, flag) in MANIFEST_OPTIONAL)]
+         if not (fault is _not_an_artifact and port.manifest_optional)]
 
 
-@pytest.mark.parametrize(("stage", "flag", "fault"), CASES,
-                         ids=[f"{stage}{flag}-{fault.__name__[1:]}" for stage, flag, fault in CASES])
+@pytest.mark.parametrize(("stage", "port", "fault"), CASES,
+                         ids=[f"{stage}{port.flag}-{fault.__name__[1:]}" for stage, port, fault in CASES])
 def test_a_bad_input_artifact_is_refused_before_any_work_naming_it(
-        stage: str, flag: str, fault: Callable[[Path, str], str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    inputs = {name: _artifact(tmp_path / "inputs" / name.removeprefix("--"), kind)
-              for name, kind in INPUTS[stage].items() if name != flag}
-    bad = tmp_path / "bad" / flag.removeprefix("--")
-    expected = fault(bad, INPUTS[stage][flag])
+        stage: str, port: Port, fault: Callable[[Path, str], str], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    inputs = {other.flag: _artifact(tmp_path / "inputs" / other.name, other.kind.kind)
+              for other in CASES_BY_STAGE[stage] if other != port}
+    bad = tmp_path / "bad" / port.name
+    expected = fault(bad, port.kind.kind)
     out = tmp_path / "out"
     with caplog.at_level(logging.ERROR, logger="embedforge"):
-        code = _run(stage, {**inputs, flag: bad}, out)
+        code = _run(stage, {**inputs, port.flag: bad}, out)
     assert code == 2
     message = caplog.records[-1].getMessage()
     assert message.startswith(str(bad)), message

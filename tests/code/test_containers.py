@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from components.cli import STAGES
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTAINERS = REPO_ROOT / "containers"
 DOCKERFILES = {"cpu": CONTAINERS / "Dockerfile.cpu", "cuda": CONTAINERS / "Dockerfile.cuda"}
 BIN = Path(sys.executable).parent
@@ -214,15 +214,13 @@ def test_labels_carry_the_version_and_git_commit_build_args(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
-def test_image_names_match_what_kubeflow_and_airflow_run(kind: str) -> None:
+def test_the_images_built_are_the_images_the_stage_table_runs(kind: str) -> None:
+    from components.stages import IMAGES
+
     version = build_args(parse_dockerfile(DOCKERFILES[kind]))["VERSION"]
-    tag = f"embedforge-{kind}:{version}"
-    kfp_source = (REPO_ROOT / "pipelines" / "kfp_pipeline.py").read_text()
-    assert re.search(rf'^VERSION = "{re.escape(str(version))}"$', kfp_source, re.MULTILINE)
-    assert f'{kind.upper()}_IMAGE = f"embedforge-{kind}:{{VERSION}}"' in kfp_source
+    assert IMAGES[kind] == f"embedforge-{kind}:{version}"
     airflow = yaml.safe_load((REPO_ROOT / "params.yaml").read_text()).get("airflow") or {}
-    if f"{kind}_image" in airflow:
-        assert airflow[f"{kind}_image"] == tag
+    assert f"{kind}_image" not in airflow, "params.yaml must not pin its own copy of the image tag"
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
@@ -241,8 +239,11 @@ def test_the_workdir_holds_the_project_code_params_and_raw_snapshot(kind: str) -
     sources = copy_sources(instructions)
     for needed in ("components/", "pipelines/", "params.yaml", "dvc.yaml", "data/raw/", "pyproject.toml"):
         assert needed in sources
-    # the Kubeflow pipeline's default raw_pairs is a path relative to the image's WORKDIR
-    assert "data/raw/debian-bookworm/pairs.jsonl.gz" in (REPO_ROOT / "pipelines" / "kfp_pipeline.py").read_text()
+    # the pipelines' default raw input is a path relative to the image's WORKDIR, inside what the image copies
+    from components.stages import STAGES
+
+    raw = STAGES["curate"].port("input").path
+    assert raw.startswith("data/raw/") and (REPO_ROOT / raw).is_file()
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))

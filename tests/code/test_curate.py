@@ -10,15 +10,10 @@ import pandas as pd
 import pytest
 
 from components import artifacts
+from components.artifact_types import BEIR, CURATED, EMBEDDINGS
 from components.config import params_digest
 from components.curate import (
-    BEIR_KIND,
-    BEIR_SCHEMA,
-    CURATED_KIND,
-    CURATED_SCHEMA,
     DROP_REASONS,
-    EMBEDDINGS_KIND,
-    EMBEDDINGS_SCHEMA,
     CurateConfig,
     CuratePaths,
     KeepRule,
@@ -33,6 +28,7 @@ from components.curate import (
 )
 from components.data import DataError, read_beir, read_pairs
 from components.text import normalise
+from tests.helpers import unit_rows
 
 FRACTIONS = {"train": 0.5, "dev": 0.2, "test": 0.3}
 
@@ -43,11 +39,6 @@ def _frame(rows: list[tuple[str, str, str]], source: str | None = None) -> pd.Da
     frame["package"] = frame["id"]
     frame["source"] = source or frame["id"]
     return frame
-
-
-def _unit(matrix: list[list[float]] | np.ndarray) -> np.ndarray:
-    vectors = np.asarray(matrix, dtype=np.float32)
-    return np.ascontiguousarray(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), dtype=np.float32)
 
 
 # --- text rules ---
@@ -172,7 +163,7 @@ def _dedup(vectors: np.ndarray, *, eps: float = 0.05, n_clusters: int = 2, keep:
 
 
 def test_identical_vectors_keep_one_and_audit_the_kept_id() -> None:
-    vectors = _unit([[1, 2, 3, 0]] * 3 + [[0, 0, 0, 1]])
+    vectors = unit_rows([[1, 2, 3, 0]] * 3 + [[0, 0, 0, 1]])
     result = _dedup(vectors, eps=0.01)
     assert result.keep.tolist() == [True, False, False, True]
     assert [row["dropped_id"] for row in result.audit] == ["v1", "v2"]
@@ -188,7 +179,7 @@ def test_orthogonal_vectors_are_all_kept_even_with_a_large_eps() -> None:
 
 
 def test_near_duplicates_in_different_clusters_are_not_compared() -> None:
-    vectors = _unit([[1, 0.01], [1, -0.01], [-1, 0.01], [-1, -0.01]])  # two tight, opposite pairs
+    vectors = unit_rows([[1, 0.01], [1, -0.01], [-1, 0.01], [-1, -0.01]])  # two tight, opposite pairs
     result = _dedup(vectors, eps=0.05, n_clusters=2)
     assert result.keep.sum() == 2
     assert {(row["dropped_id"], row["kept_id"]) for row in result.audit} == {("v1", "v0"), ("v3", "v2")}
@@ -199,7 +190,7 @@ def noisy_groups() -> np.ndarray:
     """12 well-separated centres in 64 dims, each with 6 noisy copies."""
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(12, 64))
-    return _unit(np.repeat(centres, 6, axis=0) + rng.normal(scale=0.25, size=(72, 64)))
+    return unit_rows(np.repeat(centres, 6, axis=0) + rng.normal(scale=0.25, size=(72, 64)))
 
 
 def test_larger_eps_drops_at_least_as_many(noisy_groups: np.ndarray) -> None:
@@ -221,7 +212,7 @@ def test_only_kept_members_absorb_duplicates_so_a_chain_can_keep_more_at_larger_
     def towards(deg_x: float, deg_y: float) -> list[float]:
         return [1.0, float(np.tan(np.radians(deg_x))), float(np.tan(np.radians(deg_y)))]
 
-    vectors = _unit([towards(0, 20), towards(0, 0), towards(17, 0), towards(-17, 0)])
+    vectors = unit_rows([towards(0, 20), towards(0, 0), towards(17, 0), towards(-17, 0)])
     audits = [_dedup(vectors, eps=eps, n_clusters=1).audit for eps in (0.05, 0.1)]
     assert [len(audit) for audit in audits] == [2, 1]
     kept = {index for index in range(4)} - {int(row["dropped_id"][1:]) for row in audits[1]}
@@ -234,7 +225,7 @@ def test_only_kept_members_absorb_duplicates_so_a_chain_can_keep_more_at_larger_
     [(KeepRule.first, "v0"), (KeepRule.closest_to_centroid, "v1"), (KeepRule.farthest_from_centroid, "v2")],
 )
 def test_keep_rule_chooses_which_near_duplicate_survives(keep: KeepRule, survivor: str) -> None:
-    vectors = _unit([[1, 0.0, 0], [1, 0.05, 0], [1, 0.3, 0]])  # centroid is nearest v1, farthest from v2
+    vectors = unit_rows([[1, 0.0, 0], [1, 0.05, 0], [1, 0.3, 0]])  # centroid is nearest v1, farthest from v2
     result = _dedup(vectors, eps=0.1, n_clusters=1, keep=keep)
     assert [f"v{index}" for index in np.flatnonzero(result.keep)] == [survivor]
     assert {row["kept_id"] for row in result.audit} == {survivor}
@@ -265,9 +256,9 @@ def test_curate_publishes_consistent_artifacts(tmp_path: Path, pairs_file: Path,
     paths = _paths(tmp_path / "out", pairs_file)
     result = curate(config, paths)
 
-    curated = artifacts.read_manifest(paths.output, kind=CURATED_KIND, schema_version=CURATED_SCHEMA)
-    embedded = artifacts.read_manifest(paths.embeddings, kind=EMBEDDINGS_KIND, schema_version=EMBEDDINGS_SCHEMA)
-    beir_manifest = artifacts.read_manifest(paths.beir, kind=BEIR_KIND, schema_version=BEIR_SCHEMA)
+    curated = CURATED.read_manifest(paths.output)
+    embedded = EMBEDDINGS.read_manifest(paths.embeddings)
+    beir_manifest = BEIR.read_manifest(paths.beir)
     assert {curated.params_digest, embedded.params_digest, beir_manifest.params_digest} == {params_digest(config)}
     assert curated.inputs == {"raw_pairs": artifacts.file_sha256(pairs_file)} == embedded.inputs
 

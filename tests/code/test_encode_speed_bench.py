@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from components.data import BeirDataset, write_beir
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import run_python
 
 
 @pytest.mark.slow
@@ -22,11 +18,10 @@ def test_encode_speed_reports_each_models_median_and_its_ratio_to_the_first(tmp_
     write_beir(tmp_path / "beir", BeirDataset(corpus={f"d{i}": text for i, text in enumerate(texts)},
                                               queries={"q0": texts[0]}, qrels={"q0": {"d0": 1}}))
     report = tmp_path / "speed.json"
-    result = subprocess.run(
-        [sys.executable, "bench/encode_speed.py", "--model", f"reference={tiny_model_dir}",
+    result = run_python(
+        ["bench/encode_speed.py", "--model", f"reference={tiny_model_dir}",
          "--model", f"other={tiny_model_dir}", "--beir", str(tmp_path / "beir"), "--passages", "10",
-         "--repeats", "3", "--batch-size", "4", "--json", str(report)],
-        cwd=REPO, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+         "--repeats", "3", "--batch-size", "4", "--json", str(report)], env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(report.read_text())
     assert list(rows) == ["reference", "other"]

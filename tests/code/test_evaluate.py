@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,8 @@ from components.evaluate import (
     pareto_front,
     retrieval_metrics,
 )
+from components.stages import STAGES
+from tests.helpers import run_python
 
 QRELS = {"q1": {"d1": 1}, "q2": {"d2": 1}}
 
@@ -190,9 +190,8 @@ def test_truncated_embeddings_are_renormalised_prefixes() -> None:
 # --- CLI ---
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "components.evaluate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return run_python(["-m", "components.evaluate", *args], cwd=cwd, env=offline)
 
 
 @pytest.mark.slow
@@ -237,4 +236,5 @@ def test_cli_on_a_bad_beir_dir_exits_2_with_a_one_line_error_naming_the_file(tmp
 @pytest.mark.parametrize(("argv", "code"), [(["nope"], 2), ([], 2), (["--help"], 0)])
 def test_embedforge_dispatcher_refuses_unknown_stages(argv: list[str], code: int, capsys) -> None:
     assert cli_main(argv) == code
-    assert "usage: embedforge {curate,mine,train,distill,quantize,index,evaluate,register}" in capsys.readouterr().err
+    usage = f"usage: embedforge {{{','.join(STAGES)}}}"  # every stage of the table, in pipeline order
+    assert usage in capsys.readouterr().err

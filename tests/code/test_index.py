@@ -8,13 +8,21 @@ import numpy as np
 import pytest
 
 from components.evaluate import EvaluateConfig, make_searcher, rescore
-from components.index import IndexRecord, load_indexes, read_index
-from components.quantize import binary_codes, calibration_ranges, dequantize_int8, int8_codes, load_quantized
-from tests.code.test_quantize import unit_vectors
+from components.artifact_types import (
+    IndexRecord,
+    binary_codes,
+    calibration_ranges,
+    dequantize_int8,
+    int8_codes,
+    read_index,
+    read_indexes,
+    read_quantized,
+)
+from tests.helpers import random_unit_vectors, unit_rows
 
 
 def records_by(stack: dict[str, Path]) -> dict[tuple[int, str], IndexRecord]:
-    return {(record.dim, record.type): record for record in load_indexes(stack["index"]).records}
+    return {(record.dim, record.type): record for record in read_indexes(stack["index"]).records}
 
 
 def test_every_type_is_built_for_every_dim_with_its_own_manifest(retrieval_stack: dict[str, Path]) -> None:
@@ -35,7 +43,7 @@ def test_binary_vectors_take_exactly_1_32_of_the_float_bytes(retrieval_stack: di
 
 
 def test_the_8bit_index_holds_exactly_the_calibrated_int8_codes(retrieval_stack: dict[str, Path]) -> None:
-    indexes, quantized = load_indexes(retrieval_stack["index"]), load_quantized(retrieval_stack["quantized"])
+    indexes, quantized = read_indexes(retrieval_stack["index"]), read_quantized(retrieval_stack["quantized"])
     index = read_index(indexes, records_by(retrieval_stack)[(16, "int8_flat")])
     floats = quantized.float32("student", 16)
     stored = index.sa_encode(dequantize_int8(quantized.int8("student", 16), quantized.ranges("student", 16)))
@@ -46,7 +54,7 @@ def test_the_8bit_index_holds_exactly_the_calibrated_int8_codes(retrieval_stack:
 
 
 def test_flat_float_search_finds_each_document_itself(retrieval_stack: dict[str, Path]) -> None:
-    indexes, quantized = load_indexes(retrieval_stack["index"]), load_quantized(retrieval_stack["quantized"])
+    indexes, quantized = read_indexes(retrieval_stack["index"]), read_quantized(retrieval_stack["quantized"])
     record = records_by(retrieval_stack)[(32, "float_flat")]
     floats = quantized.float32("student", 32)
     searcher = make_searcher(read_index(indexes, record), record, None, EvaluateConfig())
@@ -62,14 +70,14 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 def test_rescoring_never_lowers_recall_against_binary_alone(store: str) -> None:
     import faiss
 
-    documents = unit_vectors(3000, 64, seed=3)
+    documents = random_unit_vectors(3000, 64, seed=3)
     queries = truncate_noisy(documents[:200], seed=4)
     truth = np.argsort(-(queries @ documents.T), axis=1)[:, :10]
     index = faiss.IndexBinaryFlat(64)
     index.add(binary_codes(documents))
     _, alone = index.search(binary_codes(queries), 10)
     _, candidates = index.search(binary_codes(queries), 40)
-    ranges = calibration_ranges(unit_vectors(2000, 64, seed=5))
+    ranges = calibration_ranges(random_unit_vectors(2000, 64, seed=5))
     vectors = documents if store == "float32" else dequantize_int8(int8_codes(documents, ranges), ranges)
     _, rescored = rescore(queries, candidates, vectors, 10)
     assert recall_at(rescored, truth) > recall_at(alone, truth)  # never lower; on random vectors clearly higher
@@ -77,7 +85,7 @@ def test_rescoring_never_lowers_recall_against_binary_alone(store: str) -> None:
 
 def truncate_noisy(vectors: np.ndarray, seed: int) -> np.ndarray:
     noisy = vectors + np.random.default_rng(seed).normal(scale=0.05, size=vectors.shape).astype(np.float32)
-    return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+    return unit_rows(noisy)
 
 
 def test_rescoring_ignores_missing_candidates() -> None:
@@ -103,8 +111,8 @@ def test_index_names_from_the_manifest_or_records_cannot_reach_outside_the_artif
     manifest["extra"]["indexes"][0] = "../outside.faiss"  # extra is not hashed: only the names it lists are trusted
     (copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=re.escape(f"{copy}: no file '../outside.json' in its manifest")):
-        load_indexes(copy)
-    indexes = load_indexes(retrieval_stack["index"])
+        read_indexes(copy)
+    indexes = read_indexes(retrieval_stack["index"])
     escaping = dataclasses.replace(indexes.records[0], file="../quantized/student/float32.npy")
     with pytest.raises(ArtifactError, match=r"no file '\.\./quantized/student/float32\.npy' in its manifest"):
         read_index(indexes, escaping)

@@ -22,7 +22,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from components.stages import IMAGES
+from tests.helpers import REPO_ROOT, run_python
+
 INFRA = REPO_ROOT / "infra"
 K8S = INFRA / "k8s"
 BASE = K8S / "base"
@@ -205,7 +207,7 @@ def test_the_kfp_submit_job_runs_the_pipeline_adapter_on_the_cpu_image_as_non_ro
     job = render(BASE)[("Job", "embedforge-kfp-submit")]
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == "embedforge-cpu:0.1.0"
+    assert container["image"] == IMAGES["cpu"]
     assert container["command"] == ["python", "-m", "pipelines.kfp_pipeline"]
     assert container["args"] == ["submit", "--host", "$(KFP_HOST)", "-p", "profile=$(EMBEDFORGE_PROFILE)"]
     assert {"configMapRef": {"name": "embedforge-settings"}} in container["envFrom"]
@@ -214,8 +216,7 @@ def test_the_kfp_submit_job_runs_the_pipeline_adapter_on_the_cpu_image_as_non_ro
 
 
 def test_the_kfp_submit_command_is_one_the_pipeline_adapter_accepts() -> None:
-    result = subprocess.run([sys.executable, "-m", "pipelines.kfp_pipeline", "submit", "--help"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = run_python(["-m", "pipelines.kfp_pipeline", "submit", "--help"])
     assert result.returncode == 0, result.stderr
     assert "--host" in result.stdout and "--param" in result.stdout
 
@@ -240,7 +241,7 @@ def test_every_replica_runs_torchrun_on_the_train_stage_in_a_container_named_pyt
     for role, replica in replica_specs(resources).items():
         container = training_container(replica)
         assert container["name"] == "pytorch", "the Training Operator requires the container name `pytorch`"
-        assert container["image"] == "embedforge-cuda:0.1.0"
+        assert container["image"] == IMAGES["cuda"]
         assert container["command"] == ["torchrun"]
         args = container["args"]
         assert "--nproc_per_node=$(GPUS)" in args and "--nnodes=$(NNODES)" in args
@@ -255,8 +256,7 @@ def test_the_train_command_uses_only_flags_the_train_stage_has() -> None:
     args = container["args"]
     stage_flags = [word for word in args[args.index("components.train") + 1:] if word.startswith("--")]
     assert {"--params", "--mined", "--curated", "--output", "--checkpoints"} <= set(stage_flags)
-    result = subprocess.run([sys.executable, "-m", "components.train", "--help"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = run_python(["-m", "components.train", "--help"])
     assert result.returncode == 0, result.stderr
     for flag in stage_flags:
         assert re.search(rf"\s{re.escape(flag)}\b", result.stdout), f"components.train has no {flag}"
@@ -421,8 +421,7 @@ def test_mlflow_serves_artifacts_from_s3_with_a_postgres_backend_store() -> None
 
 
 def test_mlflow_server_accepts_the_flags_and_environment_compose_gives_it() -> None:
-    result = subprocess.run([sys.executable, "-m", "mlflow", "server", "--help"], capture_output=True, text=True,
-                            timeout=300)
+    result = run_python(["-m", "mlflow", "server", "--help"])
     assert result.returncode == 0, result.stderr
     for argument in services()["mlflow"]["command"][1:]:
         flag = argument.split("=", 1)[0]
@@ -451,8 +450,8 @@ def test_airflow_runs_its_three_version_3_services_on_one_shared_configuration()
 
 def test_the_stack_image_extends_the_cpu_image_and_passes_hadolint() -> None:
     dockerfile = INFRA / "stack" / "Dockerfile"
-    assert "ARG BASE_IMAGE=embedforge-cpu:0.1.0" in dockerfile.read_text()
-    assert services()["mlflow"]["build"]["args"]["BASE_IMAGE"] == "embedforge-cpu:0.1.0"
+    assert f"ARG BASE_IMAGE={IMAGES['cpu']}" in dockerfile.read_text()
+    assert services()["mlflow"]["build"]["args"]["BASE_IMAGE"] == IMAGES["cpu"]
     for line in (INFRA / "stack" / "requirements.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             assert re.fullmatch(r"[a-z0-9-]+==[0-9.]+", line), f"unpinned: {line}"

@@ -7,16 +7,11 @@ import pytest
 
 from components.config import ConfigError, build_config
 from components.mine import MineConfig, select_negatives
-
-
-def _unit(rows: list[list[float]]) -> np.ndarray:
-    vectors = np.asarray(rows, dtype=np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
+from tests.helpers import unit_rows
 
 # Passages: 0 = the positive, 1 = same text as 0, 2 = near-duplicate of 0, 3 = scores almost as high as the
 # positive (a likely false negative), 4 and 5 = genuine hard negatives.
-PASSAGES = _unit([[1, 0, 0], [1, 0, 0], [1, 0.05, 0], [0.6, 0.8, 0], [0.3, 0.3, 0.9], [0.1, 0.2, 0.97]])
+PASSAGES = unit_rows([[1, 0, 0], [1, 0, 0], [1, 0.05, 0], [0.6, 0.8, 0], [0.3, 0.3, 0.9], [0.1, 0.2, 0.97]])
 KEYS = ["a", "a", "b", "c", "d", "e"]
 
 

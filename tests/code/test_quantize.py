@@ -11,23 +11,19 @@ import pytest
 
 from components import artifacts
 from components.config import ConfigError, build_config
-from components.embed import truncate
-from components.quantize import (
-    QuantizeConfig,
+from components.artifact_types import (
     binary_codes,
     calibration_ranges,
     dequantize_int8,
     int8_codes,
-    load_quantized,
+    read_quantized,
 )
-
-
-def unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
-    return truncate(np.random.default_rng(seed).normal(size=(count, dim)).astype(np.float32), dim)
+from components.quantize import QuantizeConfig
+from tests.helpers import random_unit_vectors
 
 
 def test_int8_round_trip_error_is_at_most_half_a_bucket_inside_the_calibrated_range() -> None:
-    calibration, vectors = unit_vectors(2000, 64, seed=0), unit_vectors(500, 64, seed=1)
+    calibration, vectors = random_unit_vectors(2000, 64, seed=0), random_unit_vectors(500, 64, seed=1)
     ranges = calibration_ranges(calibration)
     clipped = np.clip(vectors, ranges[0], ranges[1])
     error = np.abs(dequantize_int8(int8_codes(vectors, ranges), ranges) - clipped)
@@ -58,7 +54,7 @@ def test_dims_that_are_not_descending_multiples_of_8_are_refused(dims: list[int]
 
 
 def test_the_artifact_holds_every_precision_per_dim_and_the_calibration(retrieval_stack: dict[str, Path]) -> None:
-    quantized = load_quantized(retrieval_stack["quantized"])
+    quantized = read_quantized(retrieval_stack["quantized"])
     assert quantized.dims("student") == [32, 16, 8]
     documents = len(quantized.doc_ids)
     for dim in (32, 16, 8):
@@ -74,7 +70,7 @@ def test_the_artifact_holds_every_precision_per_dim_and_the_calibration(retrieva
 
 
 def test_a_dim_that_was_not_quantized_is_refused_with_the_fix(retrieval_stack: dict[str, Path]) -> None:
-    quantized = load_quantized(retrieval_stack["quantized"])
+    quantized = read_quantized(retrieval_stack["quantized"])
     with pytest.raises(artifacts.ArtifactError, match=r"quantized at dims \[32, 16, 8\], not 24; add 24 to quantize.dims"):
         quantized.int8("student", 24)
     with pytest.raises(artifacts.ArtifactError, match=r"no embeddings of model 'teacher'"):
@@ -86,7 +82,7 @@ def test_missing_calibration_or_wrong_kind_is_refused(retrieval_stack: dict[str,
     shutil.copytree(retrieval_stack["quantized"], copy)
     (copy / "student" / "calibration.json").unlink()
     with pytest.raises(artifacts.ArtifactError, match=r"content does not match its manifest.*calibration\.json"):
-        load_quantized(copy)
+        read_quantized(copy)
     with pytest.raises(artifacts.ArtifactError, match=r"expected an artifact of kind 'quantized_embeddings', found "
                                                       r"'curated_pairs'"):
-        load_quantized(retrieval_stack["curated"])
+        read_quantized(retrieval_stack["curated"])

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from components import artifacts
 from components.register import Champion, RegisterConfig, decide
+from tests.helpers import run_python
 
-PROJECT = Path(__file__).resolve().parents[2]
 SAME, OTHER = "test-set-a", "test-set-b"
 
 
@@ -42,12 +40,11 @@ def test_the_gate_promotes_only_a_model_that_earns_it(candidate: float | None, c
 
 def _register(stack: dict[str, Path], evaluation: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     (cwd / "params.yaml").write_text("register: {model_name: test-student, min_ndcg_at_10: 0.0}\n")
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
-                        "PYTHONPATH": str(PROJECT), "EMBEDFORGE_PIPELINE_RUN": evaluation.name}
-    return subprocess.run([sys.executable, "-m", "components.register", "--student", str(stack["student"]),
-                           "--quantized", str(stack["quantized"]), "--evaluation", str(evaluation),
-                           "--metrics", str(cwd / f"{evaluation.name}.json"), *extra],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    env = {"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
+           "EMBEDFORGE_PIPELINE_RUN": evaluation.name}
+    return run_python(["-m", "components.register", "--student", str(stack["student"]), "--quantized",
+                       str(stack["quantized"]), "--evaluation", str(evaluation), "--metrics",
+                       str(cwd / f"{evaluation.name}.json"), *extra], cwd=cwd, env=env, timeout=600)
 
 
 def _evaluation(stack: dict[str, Path], target: Path, ndcg: float) -> Path:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import run_python
 
 
 @pytest.mark.slow
 def test_the_reliability_report_finds_every_bad_input_rejected_cleanly_and_nothing_corrupted(tmp_path: Path) -> None:
     report = tmp_path / "reliability.json"
-    result = subprocess.run([sys.executable, "bench/reliability.py", "--json", str(report)], cwd=REPO,
-                            env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
+    result = run_python(["bench/reliability.py", "--json", str(report)], env={"HF_HUB_OFFLINE": "1"},
+                        timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     print(result.stdout)  # the report itself, in the CI log
     figures = json.loads(report.read_text())["figures"]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -12,17 +10,14 @@ from pathlib import Path
 import pytest
 
 from components import tracking
+from tests.helpers import REPO_ROOT, run_python
 from tests.servers import free_port
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_stage(stage: str, args: list[str], cwd: Path, tracking_uri: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO_ROOT)}
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", f"components.{stage}", "--params", str(REPO_ROOT / "params.yaml"),
-                             "--profile", "smoke", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_python(["-m", f"components.{stage}", "--params", str(REPO_ROOT / "params.yaml"), "--profile",
+                         "smoke", *args], cwd=cwd, env={"MLFLOW_TRACKING_URI": tracking_uri})
     return result, time.perf_counter() - started
 
 

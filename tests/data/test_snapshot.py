@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,8 +10,9 @@ import pytest
 from components.artifacts import file_sha256
 from components.data import read_pairs
 from components.validation import TextLimits, ValidationFailed, validate_pairs
+from tests.helpers import REPO_ROOT
 
-SNAPSHOT_DIR = Path(__file__).resolve().parents[2] / "data" / "raw" / "debian-bookworm"
+SNAPSHOT_DIR = REPO_ROOT / "data" / "raw" / "debian-bookworm"
 SNAPSHOT = SNAPSHOT_DIR / "pairs.jsonl.gz"
 LIMITS = TextLimits(min_query_chars=8, min_positive_chars=40, max_positive_chars=4000)
 

@@ -1,4 +1,8 @@
-"""The `dvc repro` smoke run that every orchestrator's end-to-end test is compared against (run once a session)."""
+"""A real Airflow server and a REST-triggered smoke run on it.
+
+The `dvc repro` smoke run that every orchestrator's end-to-end test is compared against (`dvc_smoke_project`,
+`dvc_smoke_results`) lives in tests/conftest.py, so that tests/model shares the same single run.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +14,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.airflow_server import DAG_ID, AirflowServer, running_airflow, wait_for
-from tests.e2e.project import SMOKE_RESULTS, run_dvc, save_smoke_results, tracked_copy, use_profile
-
-
-@pytest.fixture(scope="session")
-def dvc_smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh copy of the project after `dvc repro` of the smoke profile (tests may go on changing it)."""
-    project = tracked_copy(tmp_path_factory.mktemp("smoke"))
-    use_profile(project, "smoke")
-    started = time.perf_counter()
-    result = run_dvc(project, "repro")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    print(f"dvc repro, smoke profile: {time.perf_counter() - started:.0f}s")
-    save_smoke_results(project)
-    return project
-
-
-@pytest.fixture(scope="session")
-def dvc_smoke_results(dvc_smoke_project: Path) -> Path:
-    """Metrics and manifests of that run, saved before any test changed the project."""
-    return SMOKE_RESULTS
+from tests.e2e.project import tracked_copy, use_profile
 
 
 @pytest.fixture(scope="session")

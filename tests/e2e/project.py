@@ -9,24 +9,23 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from components.artifacts import read_manifest
+from tests.helpers import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
 SMOKE_RESULTS = Path(tempfile.mkdtemp(prefix="embedforge-smoke-results-"))
 COMPARED_ARTIFACTS = ("data/curated", "data/mined")  # deterministic on CPU: fingerprints must be equal
 
 
 def tracked_copy(destination: Path) -> Path:
     """Copy the files git tracks (as a fresh clone would have them) and make the copy its own git repo."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO_ROOT, check=True, capture_output=True).stdout.decode().split("\0")
     for name in filter(None, listed):
-        source = REPO / name
+        source = REPO_ROOT / name
         if source.is_file():
             target = destination / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,15 +85,3 @@ def assert_same_as_dvc(results: Path, artifacts: dict[str, Path], grid_file: Pat
     for row in json.loads(grid_file.read_text()):
         key = f"{row['model']}/d{row['dim']}/{row['index']}{'_rescore' if row['rescored'] else ''}/ndcg@10"
         assert row["ndcg_at_10"] == pytest.approx(dvc_metrics[key], abs=1e-4), key
-
-
-def pipeline_runs(client: Any, pipeline_key: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """The one MLflow pipeline run in the store (the one with `pipeline_key`, if given) and its nested runs by stage."""
-    experiment = client.get_experiment_by_name("embedforge")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [run for run in runs if run.data.tags.get("embedforge.role") == "pipeline"
-               and pipeline_key in (None, run.data.tags.get("embedforge.pipeline_key"))]
-    assert len(parents) == 1, f"expected one pipeline run {pipeline_key or ''}, found {len(parents)}"
-    children = {run.data.tags["embedforge.stage"]: run for run in runs
-                if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    return parents[0], children

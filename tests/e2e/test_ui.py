@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from tests.e2e.airflow_server import DAG_ID, AirflowServer
+from tests.helpers import REPO_ROOT, stage_run
 from tests.servers import _server, free_port
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless Chromium on a machine with no outside network: no background connections, no sandbox (root in CI).
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -31,7 +31,7 @@ UI_TIMEOUT_MS = 180_000  # a loaded 2-core CI machine renders these single-page 
 
 @pytest.fixture(scope="module")
 def screenshots() -> Path:
-    folder = Path(os.environ.get("EMBEDFORGE_TEST_ARTIFACTS", REPO / "test-artifacts"))
+    folder = Path(os.environ.get("EMBEDFORGE_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -66,12 +66,11 @@ def test_mlflow_run_page_shows_the_evaluate_runs_ndcg_at_10(airflow_server: Airf
 
     store = f"sqlite:///{airflow_server.project / 'mlflow.db'}"
     client = MlflowClient(store)
-    experiment = client.get_experiment_by_name("embedforge")
-    (evaluate,) = client.search_runs([experiment.experiment_id], filter_string="tags.`embedforge.stage` = 'evaluate'")
+    evaluate = stage_run(client, "evaluate")
     logged = evaluate.data.metrics["operating_point/ndcg_at_10"]
     with mlflow_ui(store, tmp_path) as url:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs/{evaluate.info.run_id}",
+        page.goto(f"{url}/#/experiments/{evaluate.info.experiment_id}/runs/{evaluate.info.run_id}",
                   timeout=UI_TIMEOUT_MS)
         page.get_by_placeholder("Search metrics").fill("operating_point/ndcg")
         row = page.get_by_role("row").filter(has_text="operating_point/ndcg_at_10")

@@ -1,0 +1,396 @@
+"""What flows between stages: every artifact kind, its schema version, its files, and its typed reader and writer.
+
+Producers and consumers both import this module, never each other (the way `kfp.dsl` declares `Dataset` and
+`Model` once for every component). `artifacts` is the plumbing underneath (manifests, atomic publish,
+verification); this module says what each kind of artifact holds:
+
+| kind | written by | files |
+|---|---|---|
+| `curated_pairs` | curate | `pairs.parquet` (id, query, positive, package, source, split), `audit.parquet` |
+| `embeddings` | curate | `embeddings.npy` (normalised float32), `ids.parquet` |
+| `beir` | curate | `corpus.jsonl`, `queries.jsonl`, `qrels/test.tsv` |
+| `mined_pairs` | mine | `pairs.parquet` (id, query, positive, negative_1..n, negative_ids) |
+| `sentence_transformer` | train, distill | a sentence-transformers model dir; a student adds `embedforge_matryoshka.json` |
+| `quantized_embeddings` | quantize | `doc_ids.json`; per model `float32.npy`, `d<dim>.int8.npy`, `d<dim>.ubinary.npy`, `calibration.json` |
+| `faiss_indexes` | index | per model and dim `<type>.faiss` and `<type>.json` (an `IndexRecord`) |
+| `evaluation` | evaluate | `grid.json`, `operating_point.json` |
+
+A schema version changes only when a file's layout changes; readers refuse any other version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from components import artifacts, storage
+from components.artifacts import ArtifactError, Manifest
+from components.data import BeirDataset, write_beir
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+
+@dataclass(frozen=True)
+class ArtifactType:
+    """One kind of artifact: the manifest's `kind` and `schema_version`, and what it is for."""
+
+    kind: str
+    schema_version: int
+    description: str
+
+    def read_manifest(self, path: Path, *, verify: bool = True) -> Manifest:
+        """The artifact's manifest, after checking kind, schema version and (with `verify`) every file's hash."""
+        return artifacts.read_manifest(path, kind=self.kind, schema_version=self.schema_version, verify=verify)
+
+    @contextlib.contextmanager
+    def publish(self, target: Path, provenance: Provenance) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """`artifacts.publish` for this kind: yields `(tmp_dir, meta)`, swapped into `target` on success."""
+        with artifacts.publish(target, kind=self.kind, schema_version=self.schema_version, stage=provenance.stage,
+                               params_digest=provenance.params_digest, inputs=provenance.inputs) as published:
+            yield published
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who made an artifact from what: the producing stage, its params digest and its inputs' fingerprints."""
+
+    stage: str
+    params_digest: str
+    inputs: dict[str, str]
+
+
+CURATED = ArtifactType("curated_pairs", 1, "validated, normalised, deduplicated pairs with their split; audit")
+EMBEDDINGS = ArtifactType("embeddings", 1, "base-model embeddings of the train and dev passages")
+BEIR = ArtifactType("beir", 1, "the test split in BEIR format")
+MINED = ArtifactType("mined_pairs", 1, "train queries with their positive and mined hard negatives")
+MODEL = ArtifactType("sentence_transformer", 1, "a sentence-transformers model directory (safetensors)")
+QUANTIZED = ArtifactType("quantized_embeddings", 1, "the test corpus per model and dim: float32, int8, binary")
+INDEXES = ArtifactType("faiss_indexes", 1, "faiss indexes per model, dim and index type")
+EVALUATION = ArtifactType("evaluation", 1, "every measurement of the grid and the chosen operating point")
+
+
+# --- curated pairs ---
+
+@dataclass(frozen=True)
+class Curated:
+    manifest: Manifest
+    pairs: pd.DataFrame
+
+
+def write_curated(target: Path, pairs: pd.DataFrame, audit: pd.DataFrame, provenance: Provenance,
+                  splits: tuple[str, ...]) -> None:
+    with CURATED.publish(target, provenance) as (tmp, meta):
+        pairs.to_parquet(tmp / "pairs.parquet", index=False)
+        audit.to_parquet(tmp / "audit.parquet", index=False)
+        meta["counts"] = {f"rows_{split}": int((pairs["split"] == split).sum()) for split in splits} | {
+            "audit": len(audit)}
+
+
+def read_curated(path: Path, columns: list[str] | None = None) -> Curated:
+    manifest = CURATED.read_manifest(path)
+    return Curated(manifest, pd.read_parquet(artifacts.member(path, manifest, "pairs.parquet"), columns=columns))
+
+
+# --- base-model embeddings ---
+
+@dataclass(frozen=True)
+class Embeddings:
+    manifest: Manifest
+    vectors: np.ndarray
+    ids: list[str]
+
+
+def write_embeddings(target: Path, vectors: np.ndarray, ids: list[str], provenance: Provenance,
+                     extra: dict[str, Any]) -> None:
+    with EMBEDDINGS.publish(target, provenance) as (tmp, meta):
+        np.save(tmp / "embeddings.npy", vectors, allow_pickle=False)
+        pd.DataFrame({"id": ids}).to_parquet(tmp / "ids.parquet", index=False)
+        meta["counts"] = {"vectors": len(ids), "dim": vectors.shape[1]}
+        meta["extra"] = extra
+
+
+def read_embeddings(path: Path) -> Embeddings:
+    """The cached passage embeddings, checked against their manifest's counts."""
+    manifest = EMBEDDINGS.read_manifest(path)
+    vectors = np.load(artifacts.member(path, manifest, "embeddings.npy"), allow_pickle=False)
+    ids = pd.read_parquet(artifacts.member(path, manifest, "ids.parquet"))["id"].tolist()
+    if vectors.shape != (manifest.counts["vectors"], manifest.counts["dim"]) or len(ids) != len(vectors):
+        raise ArtifactError(
+            f"{path}: embeddings shape {vectors.shape} and {len(ids)} ids disagree with the manifest counts "
+            f"{manifest.counts}; re-run curate"
+        )
+    return Embeddings(manifest, vectors, ids)
+
+
+# --- BEIR test set (read with `components.data.read_beir`, which also takes plain BEIR directories) ---
+
+def write_beir_artifact(target: Path, dataset: BeirDataset, provenance: Provenance) -> None:
+    with BEIR.publish(target, provenance) as (tmp, meta):
+        write_beir(tmp, dataset)
+        meta["counts"] = {"corpus": len(dataset.corpus), "queries": len(dataset.queries),
+                          "qrels": sum(len(docs) for docs in dataset.qrels.values())}
+
+
+# --- mined pairs ---
+
+@dataclass(frozen=True)
+class Mined:
+    manifest: Manifest
+    pairs: pd.DataFrame
+
+
+def write_mined(target: Path, pairs: pd.DataFrame, provenance: Provenance, negatives_per_query: int,
+                extra: dict[str, Any]) -> None:
+    with MINED.publish(target, provenance) as (tmp, meta):
+        pairs.to_parquet(tmp / "pairs.parquet", index=False)
+        meta["counts"] = {"rows": len(pairs), "negatives_per_query": negatives_per_query}
+        meta["extra"] = extra
+
+
+def read_mined(path: Path) -> Mined:
+    manifest = MINED.read_manifest(path)
+    return Mined(manifest, pd.read_parquet(artifacts.member(path, manifest, "pairs.parquet")))
+
+
+# --- models ---
+
+MATRYOSHKA_FILE = "embedforge_matryoshka.json"
+
+
+def write_model(model: SentenceTransformer, target: Path, provenance: Provenance, *, metrics: dict[str, float],
+                extra: dict[str, object], matryoshka_dims: list[int] | None = None) -> None:
+    """Save a model in sentence-transformers format (safetensors) as an atomically published artifact; a
+    Matryoshka model records its nested dims beside it (what quantize's `dims: null` means)."""
+    with MODEL.publish(target, provenance) as (tmp, meta):
+        model.save(str(tmp), safe_serialization=True)
+        if matryoshka_dims is not None:
+            (tmp / MATRYOSHKA_FILE).write_text(json.dumps({"matryoshka_dims": matryoshka_dims}))
+        meta["counts"] = {"layers": model[0].auto_model.config.num_hidden_layers,
+                          "dim": model.get_embedding_dimension()}
+        meta["extra"] = {**extra, "metrics": metrics}
+
+
+def model_fingerprint(reference: str) -> str:
+    """A model artifact's verified content fingerprint, or the reference itself for packaged weights."""
+    path = storage.local_dir(reference)
+    if (path / artifacts.MANIFEST).is_file():
+        return MODEL.read_manifest(path).fingerprint
+    return reference
+
+
+def matryoshka_dims(reference: str) -> list[int] | None:
+    """The nested dims a model was distilled for, or None for a model that records none."""
+    record = storage.local_dir(reference) / MATRYOSHKA_FILE
+    return list(json.loads(record.read_text())["matryoshka_dims"]) if record.is_file() else None
+
+
+# --- quantized embeddings: the code formats, and the artifact ---
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def calibration_ranges(vectors: np.ndarray) -> np.ndarray:
+    """Per-dimension [min, max] of a calibration sample, shape (2, dim): sentence-transformers' int8 rule."""
+    return np.vstack([vectors.min(axis=0), vectors.max(axis=0)]).astype(np.float32)
+
+
+def int8_codes(vectors: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """Quantize with fixed ranges: 256 equal buckets per dimension, values outside the range clipped."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    return quantize_embeddings(vectors, precision="int8", ranges=ranges)
+
+
+def dequantize_int8(codes: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """Bucket centres in the float coordinate system: what a float query is scored against when rescoring."""
+    steps = (ranges[1] - ranges[0]) / 255
+    steps = np.where(steps == 0, 1, steps)
+    return ((codes.astype(np.float32) + 128.5) * steps + ranges[0]).astype(np.float32)
+
+
+def binary_codes(vectors: np.ndarray) -> np.ndarray:
+    """Sign bits packed 8 per byte (`ubinary`): the layout faiss binary indexes take."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    return quantize_embeddings(vectors, precision="ubinary")
+
+
+def read_calibration(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: int8 calibration is missing; re-run quantize")
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class QuantizedCorpus:
+    """A verified quantize artifact: codes and calibration per model and dim, checked for shape on access."""
+
+    path: Path
+    manifest: Manifest
+    doc_ids: list[str]
+
+    @property
+    def models(self) -> dict[str, dict[str, Any]]:
+        return self.manifest.extra["models"]
+
+    def dims(self, model: str) -> list[int]:
+        return list(self._model(model)["dims"])
+
+    def calibration_path(self, model: str) -> Path:
+        return artifacts.member(self.path, self.manifest, f"{model}/{CALIBRATION_FILE}")
+
+    def _model(self, model: str) -> dict[str, Any]:
+        if model not in self.models:
+            raise ArtifactError(f"{self.path}: no embeddings of model {model!r} (has {', '.join(self.models)}); "
+                                f"add it to quantize.models and re-run quantize")
+        return self.models[model]
+
+    def _check_dim(self, model: str, dim: int) -> None:
+        if dim not in self.dims(model):
+            raise ArtifactError(f"{self.path}: model {model!r} was quantized at dims {self.dims(model)}, not {dim}; "
+                                f"add {dim} to quantize.dims and re-run quantize")
+
+    def _load(self, model: str, name: str, shape: tuple[int, int]) -> np.ndarray:
+        array = np.load(artifacts.member(self.path, self.manifest, f"{model}/{name}"), allow_pickle=False)
+        if array.shape != shape:
+            raise ArtifactError(f"{self.path / model / name}: shape {array.shape}, expected {shape} "
+                                f"({len(self.doc_ids)} documents); re-run quantize")
+        return array
+
+    def float32(self, model: str, dim: int) -> np.ndarray:
+        from components.embed import truncate
+
+        self._check_dim(model, dim)
+        full = self._load(model, "float32.npy", (len(self.doc_ids), int(self._model(model)["dim"])))
+        return truncate(full, dim)
+
+    def int8(self, model: str, dim: int) -> np.ndarray:
+        self._check_dim(model, dim)
+        return self._load(model, f"d{dim}.int8.npy", (len(self.doc_ids), dim))
+
+    def ubinary(self, model: str, dim: int) -> np.ndarray:
+        self._check_dim(model, dim)
+        return self._load(model, f"d{dim}.ubinary.npy", (len(self.doc_ids), dim // 8))
+
+    def ranges(self, model: str, dim: int) -> np.ndarray:
+        self._check_dim(model, dim)
+        record = read_calibration(self.calibration_path(model))
+        if str(dim) not in record["dims"]:
+            raise ArtifactError(f"{self.path / model / CALIBRATION_FILE}: no int8 ranges for dim {dim}; re-run quantize")
+        ranges = np.array([record["dims"][str(dim)]["min"], record["dims"][str(dim)]["max"]], dtype=np.float32)
+        if ranges.shape != (2, dim):
+            raise ArtifactError(f"{self.path / model / CALIBRATION_FILE}: ranges for dim {dim} have shape "
+                                f"{ranges.shape}, expected (2, {dim}); re-run quantize")
+        return ranges
+
+
+def write_quantized_model(folder: Path, vectors: np.ndarray, codes: dict[int, tuple[np.ndarray, np.ndarray]],
+                          calibration: dict[str, Any]) -> None:
+    """One model's files inside a quantize artifact being published: float32 vectors, then per dim its int8
+    and packed-binary codes (`codes[dim] = (int8, ubinary)`), and the calibration record."""
+    folder.mkdir()
+    np.save(folder / "float32.npy", vectors, allow_pickle=False)
+    for dim, (int8, ubinary) in codes.items():
+        np.save(folder / f"d{dim}.int8.npy", int8, allow_pickle=False)
+        np.save(folder / f"d{dim}.ubinary.npy", ubinary, allow_pickle=False)
+    (folder / CALIBRATION_FILE).write_text(json.dumps(calibration))
+
+
+def read_quantized(path: Path) -> QuantizedCorpus:
+    """Open a quantize artifact after checking its kind, schema and content fingerprint."""
+    manifest = QUANTIZED.read_manifest(path)
+    doc_ids = json.loads(artifacts.member(path, manifest, "doc_ids.json").read_text())
+    return QuantizedCorpus(path=Path(path), manifest=manifest, doc_ids=doc_ids)
+
+
+# --- faiss indexes ---
+
+PRECISION_OF: dict[str, str] = {"float_flat": "float32", "float_hnsw": "float32", "int8_flat": "int8",
+                                "binary_flat": "binary", "binary_hnsw": "binary"}
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """What one index holds and costs: the per-index manifest."""
+
+    model: str
+    dim: int
+    type: str
+    precision: str
+    vectors: int
+    vector_bytes: int  # bytes of vector codes alone (exact: ntotal x code size)
+    file_bytes: int  # bytes on disk, graph and header included; faiss holds the same arrays in memory
+    build_seconds: float
+    file: str
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return self.file_bytes / self.vectors if self.vectors else 0.0
+
+
+@dataclass(frozen=True)
+class IndexSet:
+    path: Path
+    manifest: Manifest
+    records: list[IndexRecord]
+
+
+def write_index(index: Any, path: Path) -> None:
+    import faiss
+
+    (faiss.write_index_binary if isinstance(index, faiss.IndexBinary) else faiss.write_index)(index, str(path))
+
+
+def write_index_record(record: IndexRecord, root: Path) -> None:
+    """The per-index manifest beside its faiss file inside an index artifact being published."""
+    path = root / PurePosixPath(record.file).with_suffix(".json")
+    path.write_text(json.dumps(asdict(record), indent=2) + "\n")
+
+
+def read_indexes(path: Path) -> IndexSet:
+    """Open an index artifact after verifying it; the per-index manifests say what each file holds."""
+    manifest = INDEXES.read_manifest(path)
+    records = []
+    for file in manifest.extra["indexes"]:
+        record_path = artifacts.member(path, manifest, PurePosixPath(file).with_suffix(".json").as_posix())
+        records.append(IndexRecord(**json.loads(record_path.read_text())))
+    return IndexSet(path=Path(path), manifest=manifest, records=records)
+
+
+def read_index(index_set: IndexSet, record: IndexRecord) -> Any:
+    """Load one index file of a verified index artifact (faiss's own format: nothing is unpickled)."""
+    import faiss
+
+    path = artifacts.member(index_set.path, index_set.manifest, record.file)
+    return faiss.read_index_binary(str(path)) if record.precision == "binary" else faiss.read_index(str(path))
+
+
+# --- evaluation ---
+
+@dataclass(frozen=True)
+class Evaluation:
+    manifest: Manifest
+    operating_point: dict[str, Any]
+    operating_point_path: Path
+
+
+def write_evaluation(target: Path, grid: list[dict[str, Any]], operating_point: dict[str, Any],
+                     provenance: Provenance) -> None:
+    with EVALUATION.publish(target, provenance) as (tmp, meta):
+        (tmp / "grid.json").write_text(json.dumps(grid, indent=1) + "\n")
+        (tmp / "operating_point.json").write_text(json.dumps(operating_point, indent=2) + "\n")
+        meta["counts"] = {"rows": len(grid)}
+
+
+def read_evaluation(path: Path) -> Evaluation:
+    manifest = EVALUATION.read_manifest(path)
+    point_path = artifacts.member(path, manifest, "operating_point.json")
+    return Evaluation(manifest, json.loads(point_path.read_text()), point_path)
