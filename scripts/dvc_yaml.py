@@ -29,6 +29,8 @@ HEADER = """\
 # Generated from the stage table (components/stages.py) by `python scripts/dvc_yaml.py`: edit the table, not this
 # file (a test fails when they differ). Each stage runs its CLI; `dvc repro` re-runs what changed: its inputs,
 # its code (the stage module's import closure), its params section or the active profile's override of it.
+# Outputs are not `persist`ed: DVC removes them before a stage runs (`dvc checkout` restores the last good ones
+# after a failure), and its run-cache restores them for params already run instead of re-computing.
 """
 # How `dvc plots show` draws each plot file (presentation only; which files are plots comes from the table).
 PLOT_VIEWS: dict[str, dict[str, Any]] = {

@@ -90,7 +90,7 @@ def test_airflow_trigger_form_shows_the_dags_params(airflow_server: AirflowServe
     page.goto(f"{airflow_server.url}/dags/{DAG_ID}", timeout=UI_TIMEOUT_MS)
     page.get_by_role("button", name="Trigger").first.click(timeout=UI_TIMEOUT_MS)
     dialog = page.get_by_role("dialog")
-    dialog.get_by_text("SemDeDup eps").wait_for(timeout=UI_TIMEOUT_MS)
+    dialog.get_by_text("curate.eps: ").wait_for(timeout=UI_TIMEOUT_MS)  # the Param's description names it
     shown = dialog.inner_text()
     page.screenshot(path=str(screenshots / "airflow_trigger_form.png"))
     context.close()
