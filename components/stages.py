@@ -200,6 +200,11 @@ def produced_by(artifact: str) -> Stage | None:
     return next((stage for stage in STAGES.values() for port in stage.outputs if port.artifact == artifact), None)
 
 
+# What a pipeline run reads from outside the pipeline (no stage produces it): the raw pairs.
+PIPELINE_INPUTS: dict[str, Port] = {port.artifact: port for stage in STAGES.values() for port in stage.inputs
+                                    if produced_by(port.artifact) is None}
+
+
 def knob_value(value: Any) -> str | None:
     """A pipeline parameter as a `--set` value (YAML): None and "" keep the profile's value."""
     if value is None or value == "":

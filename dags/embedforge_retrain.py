@@ -32,7 +32,7 @@ from kubernetes.client import models as k8s
 from pydantic import Field
 
 from components.config import StageConfig, build_config, load_params, load_stage_config
-from components.stages import IMAGES, KNOBS, STAGES, Stage, command_line, produced_by
+from components.stages import IMAGES, KNOBS, PIPELINE_INPUTS, STAGES, Stage, command_line
 from components.tracking import find_pipeline_run, tracking_uri
 
 log = logging.getLogger("embedforge.airflow")
@@ -40,8 +40,6 @@ log = logging.getLogger("embedforge.airflow")
 PROJECT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = "params.yaml"  # relative to the project root: the worker's checkout, or the image's WORKDIR
 DAG_ID = "embedforge_retrain"
-RAW_INPUTS = {port.artifact: port for stage in STAGES.values() for port in stage.inputs
-              if produced_by(port.artifact) is None}  # what a run reads from outside the pipeline: raw_pairs
 USAGE_ERROR = 2  # the stage CLIs' exit code for a rejected input or param: retrying cannot help
 
 
@@ -50,7 +48,7 @@ class AirflowSettings(StageConfig):
 
     schedule: str = Field("0 3 * * 1", min_length=9)
     mode: Literal["local", "kubernetes"] = "local"
-    raw_pairs: str = Field(RAW_INPUTS["raw_pairs"].path, min_length=1)
+    raw_pairs: str = Field(PIPELINE_INPUTS["raw_pairs"].path, min_length=1)
     local_artifact_root: str = Field("airflow_runs", min_length=1)
     kubernetes_artifact_root: str = Field("/artifacts", min_length=1)
     retries: int = Field(2, ge=0, le=10)
@@ -90,7 +88,7 @@ def plan_run(params: dict[str, Any], run_id: str, mode: str) -> dict[str, Any]:
     if mode == "local" and "://" not in root:
         root = str(PROJECT / root)
     run_dir = f"{root.rstrip('/')}/{_run_dir_name(run_id)}"
-    artifacts = {artifact: params[artifact] for artifact in RAW_INPUTS} | {
+    artifacts = {artifact: params[artifact] for artifact in PIPELINE_INPUTS} | {
         port.artifact: f"{run_dir}/{port.path}" for stage in STAGES.values() for port in stage.outputs}
     argv = {name: command_line(name, artifacts, params=PARAMS_FILE, profile=params["profile"], knobs=params)
             for name in STAGES}

@@ -24,7 +24,7 @@ from kfp import compiler, dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.artifact_types import MODEL
-from components.stages import KNOBS, STAGES, Port, Stage, image, produced_by
+from components.stages import KNOBS, PIPELINE_INPUTS, STAGES, Port, Stage, image, produced_by
 from pipelines.stage_runner import parameter_name
 
 COMPILED = Path(__file__).with_name("embedforge_pipeline.yaml")
@@ -63,9 +63,8 @@ def make_component(stage: Stage) -> dsl.base_component.BaseComponent:
 
 
 COMPONENTS = {name: make_component(stage) for name, stage in STAGES.items()}
-RAW_INPUTS = {port.artifact: port.path for stage in STAGES.values() for port in stage.inputs
-              if produced_by(port.artifact) is None}
-PARAMETERS = {**RAW_INPUTS, "params": "params.yaml", "profile": "", **{knob: "" for knob in KNOBS},
+PARAMETERS = {**{artifact: port.path for artifact, port in PIPELINE_INPUTS.items()},
+              "params": "params.yaml", "profile": "", **{knob: "" for knob in KNOBS},
               "pipeline_run": dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
 
 
