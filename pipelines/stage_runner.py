@@ -34,8 +34,7 @@ def run(stage: str, values: dict[str, Any]) -> dict[str, float]:
     if values["pipeline_run"]:  # one MLflow parent run for all tasks of this pipeline run
         os.environ["EMBEDFORGE_PIPELINE_RUN"] = values["pipeline_run"]
     metrics_file = Path(tempfile.mkdtemp(prefix=f"embedforge-{stage}-")) / "metrics.json"
-    beside = next(values[port.artifact].path for port in row.outputs if port.kind is not None) \
-        if any(port.kind is not None for port in row.outputs) else None
+    beside = next((values[port.artifact].path for port in row.outputs if port.kind is not None), None)
     locations: dict[str, str] = {}
     for port in row.ports:
         value = values.get(parameter_name(port))
