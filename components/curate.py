@@ -35,6 +35,7 @@ from components import artifacts
 from components.artifact_types import Provenance, write_beir_artifact, write_curated, write_embeddings
 from components.config import ConfigError, StageConfig, params_digest
 from components.data import BeirDataset, read_pairs
+from components.faiss_device import spherical_kmeans
 from components.text import normalise, text_key
 from components.validation import SPLITS, TextLimits, validate_pairs
 
@@ -227,14 +228,10 @@ def semantic_dedup(
     for resembling something itself dropped; the price is that the drop count need not grow monotonically
     with eps on adversarial inputs (it does on real data: see bench/semdedup.py).
     """
-    import faiss
-
-    count, dim = vectors.shape
+    count = len(vectors)
     n_clusters = min(n_clusters, count)
-    kmeans = faiss.Kmeans(dim, n_clusters, niter=iterations, seed=seed, spherical=True, verbose=False)
-    kmeans.train(vectors)
-    centroid_similarity, assignment = kmeans.index.search(vectors, 1)
-    centroid_similarity, assignment = centroid_similarity[:, 0], assignment[:, 0]
+    clusters = spherical_kmeans(vectors, n_clusters, iterations=iterations, seed=seed)
+    centroid_similarity, assignment = clusters.similarity, clusters.assignment
     keep = np.ones(count, dtype=bool)
     audit = []
     threshold = 1.0 - eps

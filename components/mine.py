@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from components import artifacts
 from components.artifact_types import Provenance, read_curated, read_embeddings, write_mined
 from components.config import StageConfig, params_digest
+from components.faiss_device import faiss_device, inner_product_search
 from components.text import text_key
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,6 @@ def select_negatives(
 
 def mine(config: MineConfig, paths: MinePaths) -> MineResult:
     """Mine hard negatives for the train split and publish (id, query, positive, negative_1..n) as Parquet."""
-    import faiss
-
     from components.embed import encode, load_model
 
     started = time.perf_counter()
@@ -162,10 +161,9 @@ def mine(config: MineConfig, paths: MinePaths) -> MineResult:
     model_ref = embeddings_manifest.extra["model"]
     model = load_model(model_ref, max_seq_length=embeddings_manifest.extra["max_seq_length"], dtype=config.query_dtype)
     queries = encode(model, train["query"].tolist(), batch_size=config.query_batch_size, label="train queries")
-    index = faiss.IndexFlatIP(corpus_vectors.shape[1])
-    index.add(corpus_vectors)
     depth = min(config.range_max, len(corpus))
-    scores, neighbours = index.search(queries.vectors, depth)
+    log.info("mine: candidate search with faiss on the %s", faiss_device())
+    scores, neighbours = inner_product_search(corpus_vectors, queries.vectors, depth)
     positive_scores = np.einsum("ij,ij->i", queries.vectors, corpus_vectors[positive_positions])
     selection = select_negatives(
         scores, neighbours, positive_positions, positive_scores, corpus_vectors,

@@ -1,0 +1,85 @@
+"""faiss on the GPU where there is one, on the CPU otherwise: one code path, the device chosen at run time.
+
+The CUDA image installs faiss-gpu-cu12, the CPU image and the venv faiss-cpu (which has `get_num_gpus`, always
+0, but no GPU classes). curate's k-means and the exact searches of mine and evaluate go through these helpers,
+so none of them branches on the device itself and the CPU path stays the plain faiss-cpu call it always was.
+Indexes written to disk (the index stage) are CPU indexes and do not come here.
+
+`EMBEDFORGE_FAISS_DEVICE` = `auto` (default: GPU when the faiss build has GPU support and sees a GPU) | `cpu` |
+`gpu` (fail rather than fall back to the CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from components.config import ConfigError
+
+DEVICE_ENV = "EMBEDFORGE_FAISS_DEVICE"
+DEVICE_CHOICES = ("auto", "cpu", "gpu")
+GPU_MAX_K = 2048  # faiss GPU k-selection limit: deeper searches run on the CPU
+
+Device = Literal["cpu", "gpu"]
+
+
+def faiss_gpus() -> int:
+    """GPUs the installed faiss can use: 0 for a build without GPU support (faiss-cpu) or a machine without one."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    return int(faiss.get_num_gpus())
+
+
+def faiss_device() -> Device:
+    """The device faiss work runs on: `EMBEDFORGE_FAISS_DEVICE` if set, else the GPU when there is one."""
+    requested = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+    if requested not in DEVICE_CHOICES:
+        raise ConfigError(f"{DEVICE_ENV}={requested!r} is not one of {', '.join(DEVICE_CHOICES)}")
+    if requested == "cpu":
+        return "cpu"
+    gpus = faiss_gpus()
+    if requested == "gpu" and gpus == 0:
+        import faiss
+
+        found = ("the installed faiss has no GPU support (faiss-cpu)" if not hasattr(faiss, "StandardGpuResources")
+                 else "faiss sees 0 GPUs")
+        raise ConfigError(f"{DEVICE_ENV}=gpu, but {found}: install faiss-gpu-cu12 on a machine with a CUDA GPU, "
+                          f"or unset {DEVICE_ENV} (or set it to auto or cpu) to run faiss on the CPU")
+    return "gpu" if gpus else "cpu"
+
+
+@dataclass(frozen=True)
+class Clusters:
+    centroids: np.ndarray  # (clusters, dim) float32, unit length
+    assignment: np.ndarray  # (rows,) int64: the nearest centroid of each row
+    similarity: np.ndarray  # (rows,) float32: inner product of each row with its centroid
+
+
+def spherical_kmeans(vectors: np.ndarray, n_clusters: int, *, iterations: int, seed: int) -> Clusters:
+    """faiss spherical k-means of L2-normalised rows, then each row's nearest centroid (GPU k-means where there
+    is a GPU; on the CPU exactly `faiss.Kmeans(dim, n_clusters, niter, seed, spherical=True)` as before)."""
+    import faiss
+
+    gpu = {"gpu": True} if faiss_device() == "gpu" else {}
+    kmeans = faiss.Kmeans(vectors.shape[1], n_clusters, niter=iterations, seed=seed, spherical=True, verbose=False,
+                          **gpu)
+    kmeans.train(vectors)
+    similarity, assignment = kmeans.index.search(vectors, 1)
+    return Clusters(centroids=kmeans.centroids, assignment=assignment[:, 0], similarity=similarity[:, 0])
+
+
+def inner_product_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner-product search of `queries` among `base` rows: (scores float32, positions int64), each
+    (queries, k), best first, position -1 where there are fewer than k rows (faiss's own `IndexFlatIP.search`)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(base.shape[1])
+    if faiss_device() == "gpu" and k <= GPU_MAX_K:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(base)
+    return index.search(queries, k)
