@@ -4,8 +4,9 @@ Scheduled weekly (cron in params.yaml `airflow.schedule`) and whenever the raw-d
 triggered from the UI with Params (profile, mode, the raw pairs and the pipeline's knobs, each typed and described
 by the stage param it sets). The DAG holds no stage logic: `plan` lays out this run's artifact paths and each
 stage's command line from the stage table (`components/stages.py`, which the Kubeflow adapter reads too); then
-either the `local` tasks run each stage's CLI in a subprocess of the worker, or the `kubernetes` tasks run it in a
-pod on the project image (GPU stages on the CUDA image). `publish` emits the model Asset and logs the MLflow run
+the `local` tasks run each stage's CLI in a subprocess of the worker, the `docker` tasks run it in a container on
+the worker's Docker API (Docker, or podman's socket: `DOCKER_HOST`) with the project checkout mounted, or the
+`kubernetes` tasks run it in a pod; containers and pods run the project images (GPU stages on the CUDA image). `publish` emits the model Asset and logs the MLflow run
 of this DAG run.
 
 Parsing this file reads params.yaml only: no connection, Variable or database lookup at parse time.
@@ -21,13 +22,16 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.docker.exceptions import DockerContainerFailedException
+from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk import Asset, Param, TaskGroup, Variable, chain, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.timetables.assets import AssetOrTimeSchedule
 from airflow.timetables.trigger import CronTriggerTimetable
+from docker.types import Mount
 from kubernetes.client import models as k8s
 from pydantic import Field
 
@@ -41,13 +45,14 @@ PROJECT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = "params.yaml"  # relative to the project root: the worker's checkout, or the image's WORKDIR
 DAG_ID = "embedforge_retrain"
 USAGE_ERROR = 2  # the stage CLIs' exit code for a rejected input or param: retrying cannot help
+MODES = ("local", "docker", "kubernetes")
 
 
 class AirflowSettings(StageConfig):
     """params.yaml `airflow`: deployment settings of this adapter (the knobs of a run are Params)."""
 
     schedule: str = Field("0 3 * * 1", min_length=9)
-    mode: Literal["local", "kubernetes"] = "local"
+    mode: Literal["local", "docker", "kubernetes"] = "local"
     raw_pairs: str = Field(PIPELINE_INPUTS["raw_pairs"].path, min_length=1)
     local_artifact_root: str = Field("airflow_runs", min_length=1)
     kubernetes_artifact_root: str = Field("/artifacts", min_length=1)
@@ -55,7 +60,7 @@ class AirflowSettings(StageConfig):
     retry_delay_seconds: int = Field(60, ge=1)
     max_retry_delay_seconds: int = Field(900, ge=1)
     namespace: str = Field("embedforge", min_length=1)
-    cpu_image: str = Field(IMAGES["cpu"], min_length=1)  # set where a cluster pulls the images under another name
+    cpu_image: str = Field(IMAGES["cpu"], min_length=1)  # set where the images go by another name (e.g. localhost/)
     cuda_image: str = Field(IMAGES["cuda"], min_length=1)
     artifacts_claim: str = Field("embedforge-artifacts", min_length=1)
     settings_config_map: str = Field("embedforge-settings", min_length=1)
@@ -85,7 +90,7 @@ def plan_run(params: dict[str, Any], run_id: str, mode: str) -> dict[str, Any]:
     """This run's artifact paths (each stage output at its table path under the run's directory) and every
     stage's argv (`<stage> --port PATH ... --params .. --profile .. --set key=value ...`)."""
     root = SETTINGS.kubernetes_artifact_root if mode == "kubernetes" else SETTINGS.local_artifact_root
-    if mode == "local" and "://" not in root:
+    if mode != "kubernetes" and "://" not in root:
         root = str(PROJECT / root)
     run_dir = f"{root.rstrip('/')}/{_run_dir_name(run_id)}"
     artifacts = {artifact: params[artifact] for artifact in PIPELINE_INPUTS} | {
@@ -96,21 +101,78 @@ def plan_run(params: dict[str, Any], run_id: str, mode: str) -> dict[str, Any]:
             "argv": argv}
 
 
+def stage_environment(pipeline_run: str) -> dict[str, str]:
+    """What a stage process needs from the worker: the tracking URI, this DAG run's MLflow parent key, the hub
+    offline, and S3 / MLflow settings passed through."""
+    passed = {key: value for key, value in os.environ.items() if key.startswith(("AWS_", "MLFLOW_"))}
+    return {"MLFLOW_TRACKING_URI": tracking_uri(PROJECT), **passed, "EMBEDFORGE_PIPELINE_RUN": pipeline_run,
+            "HF_HUB_OFFLINE": "1"}
+
+
+def stage_failed(stage: str, code: int) -> NoReturn:
+    """A rejected input or param fails the task for good; anything else is retried."""
+    if code == USAGE_ERROR:
+        raise AirflowFailException(f"embedforge {stage} rejected its input or params (exit 2): see the log above; "
+                                   f"fix the input or the run's Params and trigger again")
+    raise AirflowException(f"embedforge {stage} failed with exit code {code}; retrying")
+
+
+def stage_metrics(stage: str, layout: dict[str, Any]) -> dict[str, float]:
+    """The metrics file the stage wrote under this run's directory: the task's XCom."""
+    return json.loads(Path(layout["artifacts"][STAGES[stage].port("metrics").artifact]).read_text())
+
+
 def run_stage_subprocess(argv: list[str], pipeline_run: str) -> None:
     """Run `embedforge <stage> ...` in a subprocess of the worker, streaming its log lines into the task log."""
-    env = {"MLFLOW_TRACKING_URI": tracking_uri(PROJECT), **os.environ, "EMBEDFORGE_PIPELINE_RUN": pipeline_run,
-           "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "components.cli", *argv]
     log.info("running: %s", " ".join(command))
-    with subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as process:
+    with subprocess.Popen(command, cwd=PROJECT, env={**os.environ, **stage_environment(pipeline_run)},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         for line in process.stdout:
             log.info("%s", line.rstrip())
-    if process.returncode == USAGE_ERROR:
-        raise AirflowFailException(f"embedforge {argv[0]} rejected its input or params (exit 2): see the log above; "
-                                   f"fix the input or the run's Params and trigger again")
     if process.returncode != 0:
-        raise AirflowException(f"embedforge {argv[0]} failed with exit code {process.returncode}; retrying")
+        stage_failed(argv[0], process.returncode)
+
+
+class StageContainer(DockerOperator):
+    """A stage in a container on the worker's Docker API (`DOCKER_HOST`: Docker, or podman's socket), on the
+    project image, with the project checkout (params, raw data, this run's directory, a local MLflow store)
+    mounted at its own path as the working directory: the local task's argv runs unchanged, as the worker's
+    user so that what the stage writes belongs to it. Host network, so servers on the host's 127.0.0.1 (MLflow,
+    S3) are reachable. The argv and environment come from `plan`'s XCom, as in `StagePod`.
+    """
+
+    def __init__(self, *, stage: Stage, **kwargs: Any) -> None:
+        super().__init__(
+            task_id=stage.name,
+            image=SETTINGS.cuda_image if stage.gpu else SETTINGS.cpu_image,
+            mounts=[Mount(target=str(PROJECT), source=str(PROJECT), type="bind")],
+            working_dir=str(PROJECT),
+            user=f"{os.getuid()}:{os.getgid()}",
+            network_mode="host",
+            mount_tmp_dir=False,
+            auto_remove="success",
+            **kwargs,
+        )
+        self.stage = stage.name
+
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        super().render_template_fields(context, jinja_env)
+        layout = context["ti"].xcom_pull(task_ids="plan")
+        self.command = layout["argv"][self.stage]
+        self.environment = stage_environment(layout["pipeline_run"])
+        outside = [Path(layout["run_dir"])] if not Path(layout["run_dir"]).is_relative_to(PROJECT) else []
+        self.mounts = [*self.mounts, *(Mount(target=str(path), source=str(path), type="bind") for path in outside)]
+
+    def execute(self, context: Any) -> dict[str, float]:
+        try:
+            super().execute(context)
+        except DockerContainerFailedException:
+            container = self.container["Id"]  # kept on failure (auto_remove="success"): read its exit code
+            code = self.cli.inspect_container(container)["State"]["ExitCode"]
+            self.cli.remove_container(container)
+            stage_failed(self.stage, code)
+        return stage_metrics(self.stage, context["ti"].xcom_pull(task_ids="plan"))
 
 
 class StagePod(KubernetesPodOperator):
@@ -186,8 +248,9 @@ def knob_param(knob: str) -> Param:
         "profile": Param(PARAMS.get("profile", "default"), type="string", enum=PROFILES,
                          description="params.yaml profile: smoke (minutes), default (CPU: under 30 min on 2 AVX2 "
                                      "cores), medium (about an hour), full (hours on CPU), gpu."),
-        "mode": Param(None, type=["null", "string"], enum=[None, "local", "kubernetes"],
-                      description="Where stages run: local subprocesses or Kubernetes pods. Empty: the Airflow "
+        "mode": Param(None, type=["null", "string"], enum=[None, *MODES],
+                      description="Where stages run: local subprocesses, containers on the worker's Docker API, or "
+                                  "Kubernetes pods. Empty: the Airflow "
                                   f"Variable embedforge_mode, else params.yaml ({SETTINGS.mode})."),
         "raw_pairs": Param(SETTINGS.raw_pairs, type="string", minLength=1,
                            description="Raw pairs (JSONL, JSONL.gz or Parquet): a path under the project or a URI."),
@@ -202,8 +265,9 @@ def embedforge_retrain() -> None:
         context = get_current_context()
         params = dict(context["params"])
         mode = params.get("mode") or Variable.get("embedforge_mode", default=SETTINGS.mode)
-        if mode not in ("local", "kubernetes"):
-            raise AirflowFailException(f"mode {mode!r} (Param or Variable embedforge_mode): use local or kubernetes")
+        if mode not in MODES:
+            raise AirflowFailException(f"mode {mode!r} (Param or Variable embedforge_mode): use one of "
+                                       f"{', '.join(MODES)}")
         layout = plan_run(params, context["run_id"], mode)
         log.info("mode %s, artifacts under %s", mode, layout["run_dir"])
         return layout
@@ -216,7 +280,7 @@ def embedforge_retrain() -> None:
     def run_locally(stage: str, layout: dict[str, Any]) -> dict[str, float]:
         """One stage in a subprocess; its metrics become the task's XCom."""
         run_stage_subprocess(layout["argv"][stage], layout["pipeline_run"])
-        return json.loads(Path(layout["artifacts"][STAGES[stage].port("metrics").artifact]).read_text())
+        return stage_metrics(stage, layout)
 
     @task(trigger_rule="none_failed_min_one_success", outlets=[STUDENT_MODEL])
     def publish(layout: dict[str, Any]) -> dict[str, Any]:
@@ -239,9 +303,11 @@ def embedforge_retrain() -> None:
     branch = choose_mode(layout)
     with TaskGroup("local") as local:
         chain(*[run_locally.override(task_id=stage)(stage, layout) for stage in STAGES])
+    with TaskGroup("docker") as docker:
+        chain(*[StageContainer(stage=stage) for stage in STAGES.values()])
     with TaskGroup("kubernetes") as kubernetes:
         chain(*[StagePod(stage=stage) for stage in STAGES.values()])
-    branch >> [local, kubernetes] >> publish(layout)
+    branch >> [local, docker, kubernetes] >> publish(layout)
 
 
 embedforge_retrain()

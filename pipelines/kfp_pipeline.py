@@ -18,13 +18,16 @@ task's outputs.
 import argparse
 import inspect
 import linecache
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from kfp import compiler, dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.artifact_types import MODEL
-from components.stages import KNOBS, PIPELINE_INPUTS, STAGES, Port, Stage, image, produced_by
+from components.stages import IMAGES, KNOBS, PIPELINE_INPUTS, STAGES, Port, Stage, produced_by
 from pipelines.stage_runner import parameter_name
 
 COMPILED = Path(__file__).with_name("embedforge_pipeline.yaml")
@@ -52,17 +55,16 @@ def component_source(stage: Stage) -> str:
             f"    run({stage.name!r}, locals())\n")
 
 
-def make_component(stage: Stage) -> dsl.base_component.BaseComponent:
+def make_component(stage: Stage, base_image: str) -> dsl.base_component.BaseComponent:
     source = component_source(stage)
     filename = f"<embedforge kfp component {stage.name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)  # for getsource
     namespace = {"__name__": __name__, "Input": Input, "Output": Output, "Dataset": Dataset, "Model": Model,
                  "Metrics": Metrics, "Markdown": Markdown}
     exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - source rendered from the stage table
-    return dsl.component(namespace[stage.name], base_image=image(stage), install_kfp_package=False)
+    return dsl.component(namespace[stage.name], base_image=base_image, install_kfp_package=False)
 
 
-COMPONENTS = {name: make_component(stage) for name, stage in STAGES.items()}
 PARAMETERS = {**{artifact: port.path for artifact, port in PIPELINE_INPUTS.items()},
               "params": "params.yaml", "profile": "", **{knob: "" for knob in KNOBS},
               "pipeline_run": dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
@@ -72,35 +74,115 @@ def request_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1).set_memory_limit("32G")
 
 
-def _wire(*values: str) -> None:
-    """Each stage's task on its inputs: pipeline inputs from the parameters, artifacts from their producer."""
-    arguments = dict(zip(PARAMETERS, values, strict=True))
-    tasks: dict[str, dsl.PipelineTask] = {}
-    for name, stage in STAGES.items():
-        wired = {parameter: arguments[parameter] for parameter in (*stage.knobs, *COMMON)}
-        for port in stage.inputs:
-            producer = produced_by(port.artifact)
-            wired[parameter_name(port)] = (arguments[port.artifact] if producer is None else
-                                           tasks[producer.name].outputs[parameter_name(
-                                               next(p for p in producer.outputs if p.artifact == port.artifact))])
-        task = COMPONENTS[name](**wired)
-        tasks[name] = request_gpu(task) if stage.gpu else task
+def build_pipeline(images: Mapping[str, str] = IMAGES, *, request_gpus: bool = True) -> Callable[..., Any]:
+    """The pipeline with each stage's component on `images[kind]` (the table's images by default; a local run
+    may put the GPU stages on the CPU image) and, with `request_gpus`, a GPU request on the GPU stages."""
+    components = {name: make_component(stage, images["cuda" if stage.gpu else "cpu"])
+                  for name, stage in STAGES.items()}
+
+    def _wire(*values: str) -> None:
+        """Each stage's task on its inputs: pipeline inputs from the parameters, artifacts from their producer."""
+        arguments = dict(zip(PARAMETERS, values, strict=True))
+        tasks: dict[str, dsl.PipelineTask] = {}
+        for name, stage in STAGES.items():
+            wired = {parameter: arguments[parameter] for parameter in (*stage.knobs, *COMMON)}
+            for port in stage.inputs:
+                producer = produced_by(port.artifact)
+                wired[parameter_name(port)] = (arguments[port.artifact] if producer is None else
+                                               tasks[producer.name].outputs[parameter_name(
+                                                   next(p for p in producer.outputs if p.artifact == port.artifact))])
+            task = components[name](**wired)
+            tasks[name] = request_gpu(task) if stage.gpu and request_gpus else task
+
+    _wire.__signature__ = inspect.Signature([
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=str)
+        for name, default in PARAMETERS.items()])
+    return dsl.pipeline(
+        name="embedforge",
+        description="Raw text pairs to a quantized Matryoshka student, its indexes and the evidence; the student "
+                    "registered when it earns it. Knobs left empty keep the value of params.yaml's active profile "
+                    "(`profile` empty = the file's own); lists are YAML, e.g. student_layers=\"[0, 2, 4]\".",
+    )(_wire)
 
 
-_wire.__signature__ = inspect.Signature([
-    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=str)
-    for name, default in PARAMETERS.items()])
-embedforge_pipeline = dsl.pipeline(
-    name="embedforge",
-    description="Raw text pairs to a quantized Matryoshka student, its indexes and the evidence; the student "
-                "registered when it earns it. Knobs left empty keep the value of params.yaml's active profile "
-                "(`profile` empty = the file's own); lists are YAML, e.g. student_layers=\"[0, 2, 4]\".",
-)(_wire)
+embedforge_pipeline = build_pipeline()
+
+
+def docker_runner(tracking_uri: str, inputs: list[Path], *, user: str | None = None) -> Any:
+    """kfp.local's DockerRunner as embedforge's images need it: the image's `embedforge` entrypoint cleared (KFP
+    gives the full command), the host network (a tracking or S3 server on 127.0.0.1), the tracking URI and
+    offline hub in the environment, and the container running as the invoking user (default), so that what it
+    writes on the bind-mounted pipeline root belongs to them. Local input files are mounted read-only at their
+    own paths (kfp.local mounts only the pipeline root)."""
+    from docker.types import Mount
+    from kfp import local
+
+    environment = {"MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1"}
+    environment |= {key: value for key, value in os.environ.items() if key.startswith(("AWS_", "MLFLOW_S3_"))}
+    mounts = [Mount(target=str(path), source=str(path), type="bind", read_only=True) for path in inputs]
+    return local.DockerRunner(entrypoint=[""], network_mode="host", environment=environment, mounts=mounts,
+                              user=user or f"{os.getuid()}:{os.getgid()}")
 
 
 def compile_pipeline(output: Path = COMPILED) -> Path:
     compiler.Compiler().compile(embedforge_pipeline, str(output))
     return output
+
+
+def check_docker_image(image: str) -> None:
+    """Fail with what to do when the Docker API is not reachable or does not have the image (kfp.local would
+    try to pull it from a registry)."""
+    import docker
+
+    host = os.environ.get("DOCKER_HOST", "the default socket")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise SystemExit(f"kfp run-local: no Docker API at {host} ({exc}). Start Docker, or podman's: "
+                         "`podman system service --time=0 unix:///run/podman.sock &` and "
+                         "`export DOCKER_HOST=unix:///run/podman.sock`") from None
+    if not any(image in (listed.tags or []) for listed in client.images.list()):
+        raise SystemExit(f"kfp run-local: image {image} is not on the engine at {host}: build it with "
+                         "`bash containers/build.sh` (podman names it localhost/NAME:TAG) or pass --image")
+
+
+def run_locally(runner: str, pipeline_root: Path, image: str, tracking: str | None,
+                arguments: dict[str, str]) -> None:
+    """The whole pipeline under kfp.local: in containers of one image (docker) or in this Python (subprocess)."""
+    from kfp import local
+
+    from components.tracking import tracking_uri
+
+    tracking = tracking or tracking_uri()
+    inputs: list[Path] = []
+    for name in (*PIPELINE_INPUTS, "params"):  # local input files by absolute path, the same in a container
+        value = arguments.get(name, PARAMETERS[name])
+        if "://" not in value:
+            inputs.append(Path(value).resolve())
+            arguments[name] = str(inputs[-1])
+    if runner == "docker":
+        check_docker_image(image)
+        pipeline = build_pipeline({"cpu": image, "cuda": image}, request_gpus=False)
+        local.init(runner=docker_runner(tracking, inputs), pipeline_root=str(pipeline_root.resolve()))
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking
+        pipeline = embedforge_pipeline
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root.resolve()))
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    earlier_runs = set(pipeline_root.iterdir())
+    failure = ""
+    try:
+        pipeline(**arguments)
+    except (RuntimeError, ValueError) as exc:  # a task failed, or a later one found its outputs missing
+        failure = f" ({exc})"
+    # A task is done when its executor wrote executor_output.json. Checked here because kfp.local's DockerRunner
+    # takes a container that was removed before its exit status was read (podman removes at once) for a success.
+    runs = set(pipeline_root.iterdir()) - earlier_runs
+    unfinished = [name for name in STAGES if not any((run / name / "executor_output.json").is_file() for run in runs)]
+    if unfinished:
+        raise SystemExit(f"kfp run-local: task {unfinished[0]} failed (its log is above){failure}; "
+                         f"not completed: {', '.join(unfinished)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,9 +195,26 @@ def main(argv: list[str] | None = None) -> None:
     submit.add_argument("--experiment", default="embedforge")
     submit.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                         help="pipeline parameter (repeatable), e.g. -p profile=smoke -p eps=0.1")
+    local_run = commands.add_parser("run-local", help="run the whole pipeline here with kfp.local")
+    local_run.add_argument("--runner", choices=("docker", "subprocess"), default="docker",
+                           help="docker: every task in a container on the Docker API at DOCKER_HOST (Docker, or "
+                                "podman's socket); subprocess: every task in this Python")
+    local_run.add_argument("--pipeline-root", type=Path, required=True, help="where the tasks write their artifacts")
+    local_run.add_argument("--image", default=IMAGES["cpu"],
+                           help="docker: the image every stage runs on (GPU stages too, without a GPU request); "
+                                "podman lists local builds as localhost/NAME:TAG")
+    local_run.add_argument("--tracking-uri", default=None,
+                           help="MLflow tracking URI for the tasks (default: MLFLOW_TRACKING_URI or the local store); "
+                                "a container sees only the pipeline root and the host network")
+    local_run.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                           help="pipeline parameter (repeatable), e.g. -p profile=smoke")
     args = parser.parse_args(argv)
     if args.command == "compile":
         print(compile_pipeline(args.output))
+        return
+    if args.command == "run-local":
+        run_locally(args.runner, args.pipeline_root, args.image, args.tracking_uri,
+                    dict(item.split("=", 1) for item in args.param))
         return
     import kfp
 

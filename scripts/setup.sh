@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create or update .venv from the lock file; with --tests, also what the tests need besides (Chromium).
+# Create or update .venv from the lock file; with --tests, also what the tests need besides (Chromium, podman,
+# runc, mmdebstrap).
 # Idempotent: a venv already built from this lock is left alone.
 # torch is installed first, alone, as the CPU build (any looser pin would pull a multi-GB CUDA build). Where the
 # default pip index serves the CUDA build of torch==2.13.0, set TORCH_INDEX_URL to a wheel index with the CPU build.
@@ -10,12 +11,20 @@ PYTHON="${PYTHON:-python3}"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
   || { echo "setup: embedforge needs Python 3.11; set PYTHON=/path/to/python3.11" >&2; exit 1; }
 
-# With --tests: headless Chromium for the UI tests (tests/e2e/test_ui.py), Debian's package, never a browser download.
-if [[ "${1:-}" == "--tests" ]] && ! command -v chromium >/dev/null; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
-  else
-    echo "setup: chromium not found; the UI tests need it (as root: apt-get install chromium)" >&2
+# With --tests: what the tests need besides the venv, from Debian's packages (never a browser or image download):
+# headless Chromium for the UI tests (tests/e2e/test_ui.py); podman + runc to build and run the images, and
+# mmdebstrap to make their base from Debian packages (tests/e2e: containers).
+if [[ "${1:-}" == "--tests" ]]; then
+  missing=()
+  for tool in chromium podman runc mmdebstrap; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+  done
+  if [[ ${#missing[@]} -gt 0 ]]; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+      apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+    else
+      echo "setup: ${missing[*]} not found; the UI and container tests need them (as root: apt-get install ${missing[*]})" >&2
+    fi
   fi
 fi
 

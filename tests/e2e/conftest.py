@@ -1,4 +1,4 @@
-"""A real Airflow server and a REST-triggered smoke run on it.
+"""A real Airflow server and a REST-triggered smoke run on it; the CPU image and a Docker API (podman) socket.
 
 The `dvc repro` smoke run that every orchestrator's end-to-end test is compared against (`dvc_smoke_project`,
 `dvc_smoke_results`) lives in tests/conftest.py, so that tests/model shares the same single run.
@@ -14,7 +14,21 @@ from typing import Any
 import pytest
 
 from tests.e2e.airflow_server import DAG_ID, AirflowServer, running_airflow, wait_for
+from tests.e2e.containers import build_cpu_image, podman_socket
 from tests.e2e.project import tracked_copy, use_profile
+
+
+@pytest.fixture(scope="session")
+def cpu_image() -> str:
+    """The CPU image, built by containers/build.sh once per session."""
+    return build_cpu_image()
+
+
+@pytest.fixture(scope="session")
+def docker_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DOCKER_HOST of a podman Docker API socket for this session."""
+    with podman_socket(tmp_path_factory.mktemp("podman")) as host:
+        yield host
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Airflow 3, for real: `airflow dags test` of the smoke profile, and a real Airflow triggered through its REST API.
 
-Both run in a fresh copy of the project with their own AIRFLOW_HOME (sqlite) and MLflow store. `dags test` must
-make the same artifacts and metrics as `dvc repro`; the server run must take the conf of its trigger request
-(a different SemDeDup eps) and a raw-data Asset event must queue a retraining run.
+Both run in a fresh copy of the project with their own AIRFLOW_HOME (sqlite) and MLflow store. `dags test` runs in
+the `docker` mode, every stage a container of the CPU image on podman's Docker API, and must make the same
+artifacts and metrics as `dvc repro`; the server run (the `local` mode, stage subprocesses) must take the conf of
+its trigger request (a different SemDeDup eps), and a raw-data Asset event must queue a retraining run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from components.artifacts import read_manifest
 from components.cli import STAGES
@@ -36,24 +38,28 @@ def dag_pipeline_runs(project: Path, pipeline_key: str) -> tuple[Any, dict[str, 
 
 
 @pytest.fixture(scope="module")
-def dags_test_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, str]]:
+def dags_test_run(tmp_path_factory: pytest.TempPathFactory, cpu_image: str,
+                  docker_host: str) -> tuple[Path, str, dict[str, str]]:
     project = tracked_copy(tmp_path_factory.mktemp("airflow-dags-test"))
     use_profile(project, "smoke")
-    env = airflow_env(tmp_path_factory.mktemp("airflow-home"), project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["airflow"] |= {"cpu_image": cpu_image, "cuda_image": cpu_image}  # no GPU here: all on the CPU image
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = airflow_env(tmp_path_factory.mktemp("airflow-home"), project, DOCKER_HOST=docker_host)
     airflow(env, "db", "migrate")
     started = time.perf_counter()
-    airflow(env, "dags", "test", DAG_ID, "-c", json.dumps({"profile": "smoke"}), timeout=1200)
-    print(f"airflow dags test, smoke profile: {time.perf_counter() - started:.0f}s")
+    airflow(env, "dags", "test", DAG_ID, "-c", json.dumps({"profile": "smoke", "mode": "docker"}), timeout=1200)
+    print(f"airflow dags test, docker mode, smoke profile: {time.perf_counter() - started:.0f}s")
     (run,) = json_output(airflow(env, "dags", "list-runs", DAG_ID, "-o", "json"))
     states = {item["task_id"]: item["state"] for item in json_output(
         airflow(env, "tasks", "states-for-dag-run", DAG_ID, run["run_id"], "-o", "json"))}
     return project, run["run_id"], states
 
 
-def test_dags_test_runs_every_stage_locally_and_skips_the_kubernetes_branch(dags_test_run: tuple) -> None:
+def test_dags_test_runs_every_stage_in_a_container_and_skips_the_other_modes(dags_test_run: tuple) -> None:
     _, _, states = dags_test_run
-    assert {states[f"local.{stage}"] for stage in STAGES} == {"success"}
-    assert {states[f"kubernetes.{stage}"] for stage in STAGES} == {"skipped"}
+    assert {states[f"docker.{stage}"] for stage in STAGES} == {"success"}
+    assert {states[f"{mode}.{stage}"] for stage in STAGES for mode in ("local", "kubernetes")} == {"skipped"}
     assert states["plan"] == states["choose_mode"] == states["publish"] == "success"
 
 

@@ -1,13 +1,17 @@
 """Kubeflow Pipelines: the committed IR is current, and the whole pipeline really runs under `kfp.local`.
 
-The local run uses the SubprocessRunner on this interpreter (no containers here), the smoke profile, and a
-fresh copy of the project; its artifacts must match what `dvc repro` made of the same inputs.
+The local run puts every task in a container of the CPU image (kfp.local's DockerRunner on podman's Docker API),
+with the smoke profile and a fresh copy of the project; its artifacts must match what `dvc repro` made of the same
+inputs. Failures: a task whose container exits non-zero fails the run with its message and publishes nothing;
+a missing socket or image is named with what to do.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from components.artifacts import read_manifest
 from components.stages import IMAGES, STAGES
 from pipelines.kfp_pipeline import COMPILED, compile_pipeline
 from tests.e2e.project import assert_same_as_dvc, tracked_copy, use_profile
+from tests.helpers import REPO_ROOT
 
 
 def test_the_committed_pipeline_ir_is_current(tmp_path: Path) -> None:
@@ -38,28 +43,29 @@ def test_the_gpu_stages_request_a_gpu_on_the_cuda_image_and_the_others_run_on_th
         assert ("accelerator" in container.get("resources", {})) is gpu, name
 
 
+def run_local(project: Path, root: Path, docker_host: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m pipelines.kfp_pipeline run-local --runner docker ...` in the project copy, as a user runs it."""
+    command = [sys.executable, "-m", "pipelines.kfp_pipeline", "run-local", "--runner", "docker",
+               "--pipeline-root", str(root), "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", *args]
+    return subprocess.run(command, cwd=project, env={**os.environ, "DOCKER_HOST": docker_host}, capture_output=True,
+                          text=True, timeout=1800)
+
+
 @pytest.fixture(scope="module")
-def kfp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kfp import local
-
-    from pipelines.kfp_pipeline import embedforge_pipeline
-
+def kfp_run(tmp_path_factory: pytest.TempPathFactory, cpu_image: str, docker_host: str) -> Path:
+    """The smoke profile under kfp.local's DockerRunner: every task a container of the CPU image (train and
+    distill too, without their GPU request), the raw pairs and params.yaml mounted read-only, the artifacts on
+    the bind-mounted pipeline root."""
     project = tracked_copy(tmp_path_factory.mktemp("kfp"))
     use_profile(project, "smoke")
     root = project / "kfp_outputs"
-    previous = Path.cwd()
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE")}
-    os.environ |= {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
-    os.chdir(project)
-    try:
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
-        started = time.perf_counter()
-        embedforge_pipeline(pipeline_run="kfp-smoke")
-        print(f"kfp.local, smoke profile: {time.perf_counter() - started:.0f}s")
-    finally:
-        os.chdir(previous)
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    root.mkdir()
+    started = time.perf_counter()
+    result = run_local(project, root, docker_host, "--image", cpu_image, "-p", "profile=smoke",
+                       "-p", "pipeline_run=kfp-smoke")
+    print(f"kfp.local DockerRunner, smoke profile: {time.perf_counter() - started:.0f}s")
+    assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    assert result.stdout.count(f"Found image {cpu_image!r}") == len(STAGES), "every task runs in the CPU image"
     return root
 
 
@@ -96,3 +102,29 @@ def test_kfp_and_dvc_make_the_same_artifacts_and_metrics_of_the_smoke_profile(kf
                        {"data/curated": _output(kfp_run, "curate", "curated"),
                         "data/mined": _output(kfp_run, "mine", "mined")},
                        _output(kfp_run, "evaluate", "evaluation") / "grid.json")
+
+
+@pytest.mark.slow
+def test_a_task_whose_container_exits_non_zero_fails_the_run_and_publishes_nothing(
+        tmp_path: Path, cpu_image: str, docker_host: str) -> None:
+    root = tmp_path / "kfp_outputs"
+    root.mkdir()
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text("this is not JSON\n")
+    result = run_local(tmp_path, root, docker_host, "--image", cpu_image, "-p", "profile=smoke",
+                       "-p", f"raw_pairs={bad}", "-p", "params=params.yaml")
+    assert result.returncode != 0
+    assert "kfp run-local: " in result.stderr and "curate" in result.stderr
+    assert str(bad) in result.stdout  # the stage's own message, from inside the container, names the input
+    assert not list(root.glob("*/curate/curated/manifest.json")), "a failed task must not publish its artifact"
+    assert not list(root.glob("*/mine")), "nothing runs after the failed task"
+
+
+def test_a_missing_docker_socket_or_image_is_named_with_what_to_do(tmp_path: Path, docker_host: str) -> None:
+    no_socket = run_local(REPO_ROOT, tmp_path, f"unix://{tmp_path}/none.sock")
+    assert no_socket.returncode != 0 and "no Docker API at unix://" in no_socket.stderr
+    assert "podman system service" in no_socket.stderr
+    no_image = run_local(REPO_ROOT, tmp_path, docker_host, "--image", "localhost/embedforge-none:0.0.0")
+    assert no_image.returncode != 0 and "image localhost/embedforge-none:0.0.0 is not on the engine" in no_image.stderr
+    assert "containers/build.sh" in no_image.stderr
