@@ -1,9 +1,9 @@
 """What does running a stage in a container cost? The fixed cost per stage run, container vs this venv, medians.
 
-Each stage is started the way the orchestrators start it, and stopped right after its module and the CLI are
-loaded (`<stage> --help`, which imports the stage and its libraries): in this venv as a subprocess (dvc's and the
-Airflow `local` mode's way) and in a fresh container of the image (`podman run --rm`, the `docker` modes' and
-kfp.local's way). Runs alternate venv, container, venv, ... so a slow spell of the shared machine hits both; the
+Each stage is started the way the orchestrators start it, and stopped once its CLI is up (`<stage> --help`: the
+interpreter, the stage module and its parser; heavy libraries load lazily, when the work starts, the same either
+way): in this venv as a subprocess (dvc's and the Airflow `local` mode's way) and in a fresh container of the
+image (`podman run --rm`: create, start, remove; the `docker` modes' and kfp.local's way). Runs alternate venv, container, venv, ... so a slow spell of the shared machine hits both; the
 medians and their difference (the container's overhead per stage run) are printed. The stage's own work is the
 same code on the same CPU either way.
 
