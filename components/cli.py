@@ -1,7 +1,11 @@
 """Command-line plumbing shared by every stage, and the `embedforge <stage>` dispatcher.
 
 Each stage module owns its argv parsing in `main(argv)`; this module gives them the common flags, logging,
-tracking, the metrics file and one place that turns expected failures into a clear message and exit code 2.
+tracking, the metrics file and one place (`guarded`, with the `FAILURES` table) that turns expected failures
+into a clear message and an exit code an orchestrator can act on: `EXIT_USAGE` (2) for a bad input, param,
+artifact or failed validation, which no retry can fix, and `EXIT_TEMPFAIL` (75, BSD sysexits' EX_TEMPFAIL) for
+an infrastructure failure (S3, the network, the MLflow server, a full or read-only disk) that a retry may get past.
+Anything else is a bug: its traceback is shown and the interpreter exits 1.
 
 Path arguments that may be `s3://` URIs are declared with the argparse types below (`artifact_in`, `file_in`,
 `artifact_out`); `parse_stage_args` turns them into local paths (downloading inputs) and checks every
@@ -24,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel
 
@@ -37,9 +41,48 @@ from components.validation import ValidationFailed
 
 log = logging.getLogger("embedforge")
 
-EXPECTED_ERRORS = (ConfigError, DataError, ArtifactError, ValidationFailed, FileNotFoundError,
-                   storage.StorageError, tracking.TrackingUnavailable)
+EXIT_USAGE = 2  # bad input, params, artifact or validation: permanent, retrying cannot help
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: S3, network, MLflow server, disk full or read-only: transient, a retry may help
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # disk full, quota exceeded, read-only file system
+
+
+def _out_of_space(exc: BaseException) -> TypeGuard[OSError]:
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+
+
+def _network_failure(exc: BaseException | None) -> bool:
+    """A connection refused, reset or timed out, or S3 unavailable, anywhere in the exception's chain: MLflow's
+    client wraps the socket error in an MlflowException, boto3 a ClientError in an S3UploadFailedError."""
+    requests = sys.modules.get("requests")  # loaded by MLflow's client; no requests error exists without it
+    lost: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    if requests is not None:
+        lost += (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, lost) or storage.transient(exc):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
+    return False
+
+
+# How `guarded` reads a failure, first match wins: (exception types, or a predicate on the exception; exit code;
+# what failed). Transient rows come before the permanent ones they specialise (StorageUnavailable is a
+# StorageError); the chain search for a network error comes last, so a permanent error keeps its code.
+FAILURES: tuple[tuple[tuple[type[BaseException], ...] | Callable[[BaseException], bool], int, str], ...] = (
+    ((storage.StorageUnavailable,), EXIT_TEMPFAIL, "S3 unreachable, timing out or overloaded"),
+    ((tracking.TrackingUnavailable,), EXIT_TEMPFAIL, "the MLflow tracking server is unavailable"),
+    (_out_of_space, EXIT_TEMPFAIL, "disk full, quota exceeded or file system read-only"),
+    ((ConfigError,), EXIT_USAGE, "bad params"),
+    ((DataError,), EXIT_USAGE, "bad input data"),
+    ((ArtifactError,), EXIT_USAGE, "missing, wrong or corrupt input artifact"),
+    ((ValidationFailed,), EXIT_USAGE, "the data failed validation"),
+    ((FileNotFoundError,), EXIT_USAGE, "missing input file"),
+    ((storage.StorageError,), EXIT_USAGE, "S3 location malformed, missing or refused"),
+    (_network_failure, EXIT_TEMPFAIL, "a network connection failed or timed out"),
+)
+RETRY_ADVICE = {EXIT_USAGE: "permanent, a retry cannot help: fix it, then run again",
+                EXIT_TEMPFAIL: "transient, retrying later can help"}
 
 
 @dataclass(frozen=True)
@@ -258,22 +301,39 @@ def run_stage(
     return outcome
 
 
+def classify(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and what failed, from the first `FAILURES` row that matches; None for a bug."""
+    for matches, code, reason in FAILURES:
+        if isinstance(exc, matches) if isinstance(matches, tuple) else matches(exc):
+            return code, reason
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """The error line's text: the exception's own message, or for a full or read-only disk which file and that
+    nothing was published."""
+    if _out_of_space(exc):
+        return (f"{exc.filename or 'writing the outputs'}: {exc.strerror or os.strerror(exc.errno or 0)}; nothing "
+                f"was published (outputs are as they were before this run) - free space or choose another output "
+                f"location")
+    return str(exc) or type(exc).__name__
+
+
 def guarded(entry: Callable[[list[str] | None], None]) -> Callable[[list[str] | None], int]:
-    """Wrap a stage main: expected failures print one clear error and exit 2, without a traceback."""
+    """Wrap a stage main: an expected failure (see `FAILURES`) logs one clear error line, saying whether a retry
+    can help, and returns its exit code (`EXIT_USAGE` or `EXIT_TEMPFAIL`) without a traceback; a bug propagates
+    (traceback, exit 1)."""
 
     def wrapper(argv: list[str] | None = None) -> int:
         try:
             entry(argv)
-        except EXPECTED_ERRORS as exc:
-            log.error("%s", exc)
-            return 2
-        except OSError as exc:
-            if exc.errno not in STORAGE_ERRNOS:
+        except Exception as exc:
+            found = classify(exc)
+            if found is None:
                 raise
-            log.error("%s: %s; nothing was published (outputs are as they were before this run) - free space or "
-                      "choose another output location, then re-run", exc.filename or "writing the outputs",
-                      exc.strerror or os.strerror(exc.errno))
-            return 2
+            code, reason = found
+            log.error("%s [exit %d, %s: %s]", describe(exc), code, reason, RETRY_ADVICE[code])
+            return code
         return 0
 
     wrapper.__doc__ = entry.__doc__
@@ -284,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         print(f"usage: embedforge {{{','.join(STAGES)}}} [--help] ...", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
     module = importlib.import_module(f"components.{argv[0]}")
     return guarded(module.main)(argv[1:])
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -45,7 +46,19 @@ READ_TIMEOUT_S = 60
 
 
 class StorageError(RuntimeError):
-    """An S3 location is malformed, unreachable, refused, or holds no (complete) artifact."""
+    """An S3 location is malformed, refused (credentials, access), missing, or holds no (complete) artifact."""
+
+
+class StorageUnavailable(StorageError):
+    """S3 did not answer, timed out, or was overloaded (5xx, throttling) after boto's retries: a later retry may
+    succeed, unlike the other `StorageError`s."""
+
+
+# S3 error codes that mean "busy or failing, try later" (as botocore's standard retry mode counts them).
+TRANSIENT_ERROR_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestThrottled",
+                                   "RequestLimitExceeded", "BandwidthLimitExceeded", "TooManyRequestsException",
+                                   "RequestTimeout", "RequestTimeoutException", "InternalError",
+                                   "ServiceUnavailable", "PriorRequestNotComplete"})
 
 
 def is_s3(location: str | Path) -> bool:
@@ -94,16 +107,37 @@ def s3_client() -> S3Client:
     return boto3.session.Session().client("s3", config=config)
 
 
+def transient(exc: BaseException) -> bool:
+    """A boto error that a later retry may get past: the endpoint unreachable, a connection dropped or timed
+    out, throttling or a server-side (5xx) error. Never true for refused, missing or malformed requests, nor for
+    TLS certificate failures."""
+    if "botocore" not in sys.modules:  # no boto error can exist before botocore is imported
+        return False
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError, SSLError
+
+    if isinstance(exc, ClientError):
+        status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return _error_code(exc) in TRANSIENT_ERROR_CODES or status >= 500
+    return isinstance(exc, (ConnectionError, HTTPClientError, IncompleteReadError)) and not isinstance(exc, SSLError)
+
+
 def _explain(exc: Exception, uri: str, doing: str) -> StorageError:
-    """Turn a boto error into one actionable line; boto's messages carry no secrets, and neither does this."""
+    """Turn a boto error into one actionable line; boto's messages carry no secrets, and neither does this.
+
+    What a retry may get past (see `transient`) becomes a `StorageUnavailable`, anything else a `StorageError`.
+    """
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
+    cause = exc.__context__ if isinstance(exc.__context__, ClientError) else exc  # boto3's S3UploadFailedError
     if isinstance(exc, NoCredentialsError):
         return StorageError(f"{uri}: no AWS credentials while {doing}; set AWS_ACCESS_KEY_ID and "
                             f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
     if isinstance(exc, EndpointConnectionError):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint while {doing} ({exc}); check AWS_ENDPOINT_URL / "
-                            f"AWS_ENDPOINT_URL_S3 and that the server is up")
+        return StorageUnavailable(f"{uri}: cannot reach the S3 endpoint while {doing} ({exc}); check "
+                                  f"AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and that the server is up")
+    if transient(cause):
+        return StorageUnavailable(f"{uri}: S3 was unavailable while {doing}, still after boto's retries "
+                                  f"({_error_code(cause) or type(cause).__name__}: {cause})")
     if isinstance(exc, ClientError):
         code = _error_code(exc) or "?"
         advice = {"NoSuchBucket": "create the bucket or fix the URI",

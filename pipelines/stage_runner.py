@@ -1,19 +1,31 @@
 """What every Kubeflow component body does: run one stage's CLI in-process on its artifact paths, report metrics.
 
 Kept out of the component functions so that each body stays one call (KFP ships a component's source, not its
-module); the stage logic stays in `components/`, the command line comes from the stage table.
+module); the stage logic stays in `components/`, the command line comes from the stage table. What the KFP UI
+shows is made here: the stage's headline metrics as its `Metrics` artifact, and its report and plots as
+self-contained Markdown artifacts (images inlined, CSV data as tables), since a backend uploads only artifacts.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
 import importlib
 import json
-import os
+import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from components.stages import STAGES, Port, command_line
+
+log = logging.getLogger("embedforge")
+
+
+MARKDOWN_VIEWS = ("report", "plot", "plots")  # side outputs shown in the KFP UI as Markdown artifacts
+TABLE_ROWS = 50  # rows of a plot's CSV data shown in its Markdown view
+IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s:]+\.png)\)")  # a Markdown image link to a local PNG
 
 
 def parameter_name(port: Port) -> str:
@@ -21,25 +33,59 @@ def parameter_name(port: Port) -> str:
     return port.name if port.name in ("metrics", "report") else port.artifact
 
 
+def inline_png(name: str, image: Path) -> str:
+    return f"![{name}](data:image/png;base64,{base64.b64encode(image.read_bytes()).decode()})"
+
+
+def csv_table(path: Path) -> str:
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, body = rows[0], rows[1:]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body[:TABLE_ROWS]]
+    if len(body) > TABLE_ROWS:
+        lines.append(f"\n({len(body) - TABLE_ROWS} more rows in the stage's local output)")
+    return "\n".join(lines)
+
+
+def markdown_view(path: Path) -> str:
+    """A side output as one self-contained Markdown document: a report with its PNG links inlined, or a plot
+    (a PNG, a CSV, or a folder of them) as images and tables."""
+    if path.suffix == ".md":
+        return IMAGE_LINK.sub(lambda link: inline_png(link[1], path.parent / link[2])
+                              if (path.parent / link[2]).is_file() else link[0], path.read_text())
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    views = {".png": lambda file: inline_png(file.stem, file), ".csv": csv_table}
+    return "\n\n".join(f"### {file.stem}\n\n{views[file.suffix](file)}" for file in files if file.suffix in views)
+
+
 def run(stage: str, values: dict[str, Any]) -> dict[str, float]:
     """`embedforge <stage>` on the component's arguments (`locals()` of its body: artifacts, knobs, params,
-    profile, pipeline_run); empty knobs keep params.yaml's values.
+    profile); empty knobs keep params.yaml's values. The run's MLflow parent key comes from the environment
+    (`EMBEDFORGE_PIPELINE_RUN`: the run's pod label on a cluster, the runner's environment locally), never from a
+    parameter, so it stays out of the task's cache key.
 
-    Side files that are no KFP artifact (plots, checkpoints) go beside the stage's first output artifact. Fails
-    the task (an exception KFP reports) when the stage exits non-zero; the stage has already logged why.
+    The report and plots are written to a scratch folder and published as Markdown views (`markdown_view`);
+    checkpoints go beside the stage's first output artifact. When
+    the stage fails, the task's process (`python -m kfp.dsl.executor_main`, which lets `SystemExit` through)
+    exits with the stage's own code: 2 for a rejected input or param (permanent), 75 for S3, network, MLflow
+    server or disk (transient). kfp.local and a plain container see that status; a Kubeflow Pipelines backend's
+    launcher, which wraps the process, reports any failure as its own exit 1. The stage has already logged why;
+    a bug's traceback propagates (exit 1).
     """
     from components.cli import guarded
 
     row = STAGES[stage]
-    if values["pipeline_run"]:  # one MLflow parent run for all tasks of this pipeline run
-        os.environ["EMBEDFORGE_PIPELINE_RUN"] = values["pipeline_run"]
-    metrics_file = Path(tempfile.mkdtemp(prefix=f"embedforge-{stage}-")) / "metrics.json"
+    scratch = Path(tempfile.mkdtemp(prefix=f"embedforge-{stage}-"))
+    metrics_file = scratch / "metrics.json"
     beside = next((values[port.artifact].path for port in row.outputs if port.kind is not None), None)
     locations: dict[str, str] = {}
     for port in row.ports:
         value = values.get(parameter_name(port))
         if port.name == "metrics":
             locations[port.artifact] = str(metrics_file)
+        elif port.name in MARKDOWN_VIEWS:
+            locations[port.artifact] = str(scratch / port.name / Path(port.path).name)
         elif value is not None:
             locations[port.artifact] = value if isinstance(value, str) else value.path
         elif beside is not None:
@@ -48,8 +94,13 @@ def run(stage: str, values: dict[str, Any]) -> dict[str, float]:
                         knobs={knob: values[knob] for knob in row.knobs})
     code = guarded(importlib.import_module(row.module).main)(argv[1:])
     if code != 0:
-        raise RuntimeError(f"embedforge {stage} failed (exit {code}); its error is in the log above")
+        log.error("embedforge %s failed (exit %d); its error is in the log above", stage, code)
+        raise SystemExit(code)
+    for port in row.outputs:
+        if port.name in MARKDOWN_VIEWS and Path(locations[port.artifact]).exists():
+            Path(values[parameter_name(port)].path).write_text(markdown_view(Path(locations[port.artifact])))
     metrics = json.loads(metrics_file.read_text())
     for key, value in metrics.items():
-        values["metrics"].log_metric(key, float(value))
+        if not row.headline or key.startswith(row.headline):
+            values["metrics"].log_metric(key, float(value))
     return metrics

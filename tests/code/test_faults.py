@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from components.cli import EXIT_TEMPFAIL
 from tests.code.faults import disk_full_while_publishing, kill_while_publishing
 
 
@@ -25,12 +26,12 @@ def test_sigkill_while_publishing_keeps_the_previous_artifacts_and_the_rerun_cle
 
 
 @pytest.mark.parametrize("point", ["data-file", "manifest"])
-def test_disk_full_while_publishing_exits_2_naming_the_file_and_publishes_nothing_partial(
+def test_disk_full_while_publishing_exits_75_naming_the_file_and_publishes_nothing_partial(
     tmp_path: Path, tiny_model_dir: Path, point: str
 ) -> None:
     result = disk_full_while_publishing(tmp_path, tiny_model_dir, point)  # type: ignore[arg-type]
     assert result.hit_mid_publish
-    assert result.exit_code == 2, result.message
+    assert result.exit_code == EXIT_TEMPFAIL, result.message  # transient: retried
     name = "embeddings.npy" if point == "data-file" else "manifest.json"
     assert re.search(rf"\.tmp-\d+-[0-9a-f]{{8}}/{re.escape(name)}: No space left on device; nothing was published",
                      result.message), result.message

@@ -1,4 +1,5 @@
-"""A tracking server that is down stops a stage at once, with what to do, before any work or output."""
+"""A tracking server that is down stops a stage at once, with what to do, before any work or output, and with
+the exit code of a transient failure (75), which an orchestrator retries."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from components import tracking
+from components.cli import EXIT_TEMPFAIL
 from tests.helpers import REPO_ROOT, run_python
 from tests.servers import free_port
 
@@ -22,7 +24,7 @@ def _run_stage(stage: str, args: list[str], cwd: Path, tracking_uri: str) -> tup
 
 
 @pytest.mark.parametrize("stage", ["curate", "train"])
-def test_a_stage_stops_with_exit_2_and_writes_nothing_when_the_tracking_server_is_down(
+def test_a_stage_stops_with_exit_75_and_writes_nothing_when_the_tracking_server_is_down(
         stage: str, tmp_path: Path, pairs_rows: list[dict[str, str]],
         write_jsonl: Callable[[Path, Iterable[object]], Path]) -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -32,7 +34,7 @@ def test_a_stage_stops_with_exit_2_and_writes_nothing_when_the_tracking_server_i
                "train": ["--mined", "out/mined", "--curated", "out/curated", "--output", "out/teacher",
                          "--checkpoints", "out/checkpoints", "--metrics", "out/train.json"]}[stage]
     result, seconds = _run_stage(stage, outputs, tmp_path, uri)
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == EXIT_TEMPFAIL, result.stderr[-3000:]
     assert f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) did not answer" in result.stderr
     assert "--no-tracking" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
