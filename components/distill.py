@@ -16,16 +16,18 @@ A rotation changes no cosine, so the full-size embedding means what it meant, bu
 carry the most variance, and the nested prefixes the student learns to imitate are already good ones.
 
 Checkpoints are written every `eval_steps`, as in train: a killed run, re-run with the same params and inputs,
-resumes from its last checkpoint (the full profile distils for hours on a CPU).
+resumes from its last checkpoint (the full profile distils for hours on a CPU). As train, it runs under
+`torchrun` too: each rank computes the teacher targets and trains on its share of the batches; only global
+rank 0 tracks, writes the metrics and publishes the student.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -35,7 +37,8 @@ from pydantic import Field, field_validator
 
 from components.artifact_types import MODEL, Provenance, read_curated, read_mined, write_model
 from components.config import ConfigError, StageConfig, params_digest
-from components.training import accelerator_metrics, dev_evaluator, start_checkpoints, training_arguments
+from components.training import (accelerator_metrics, data_shard_metrics, dev_evaluator, publish_from_rank_zero,
+                                  run_training_stage, start_checkpoints, training_arguments)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -198,10 +201,11 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
             student, losses.MultipleNegativesRankingLoss(student), config.matryoshka_dims,
             matryoshka_weights=[config.contrastive_weight] * len(config.matryoshka_dims))
     inputs = [teacher_manifest.fingerprint, mined_manifest.fingerprint, curated_manifest.fingerprint]
+    arguments = training_arguments(config, paths.checkpoints)  # sets up the process group under torchrun
     resume_from = start_checkpoints(paths.checkpoints, ":".join([params_digest(config), *inputs]))
-    arguments = training_arguments(config, paths.checkpoints)
     trainer = SentenceTransformerTrainer(model=student, args=arguments, train_dataset=datasets, loss=objectives,
                                          evaluator=evaluator)
+    shards = data_shard_metrics(trainer)
     output = trainer.train(resume_from_checkpoint=resume_from)
     student.max_seq_length = config.serve_max_seq_length
     student_dev = evaluator(student)["dev_cosine_ndcg@10"]
@@ -217,17 +221,17 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
         "examples_per_s": output.metrics.get("train_samples_per_second", 0.0),
         "resumed": float(resume_from is not None),
         **prefix_variance_shares(target_vectors, config.matryoshka_dims),
+        **shards,
         **accelerator_metrics(),
         "seconds": time.perf_counter() - started,
     }
-    if trainer.is_world_process_zero():
-        provenance = Provenance(STAGE, params_digest(config), {"teacher": teacher_manifest.fingerprint,
-                                                               "mined": mined_manifest.fingerprint})
-        write_model(student, paths.output, provenance, metrics=metrics,
-                    extra={"layers_from_teacher": config.layers, "matryoshka_dims": config.matryoshka_dims,
-                           "pca_rotation": config.pca_rotation},
-                    matryoshka_dims=config.matryoshka_dims)
-        shutil.rmtree(paths.checkpoints, ignore_errors=True)
+    provenance = Provenance(STAGE, params_digest(config), {"teacher": teacher_manifest.fingerprint,
+                                                           "mined": mined_manifest.fingerprint})
+    publish_from_rank_zero(paths.checkpoints, partial(
+        write_model, student, paths.output, provenance, metrics=metrics,
+        extra={"layers_from_teacher": config.layers, "matryoshka_dims": config.matryoshka_dims,
+               "pca_rotation": config.pca_rotation},
+        matryoshka_dims=config.matryoshka_dims))
     log.info("distill: %d-layer student, dev nDCG@10 %.4f (teacher %.4f) in %.0fs", len(config.layers), student_dev,
              teacher_dev, metrics["seconds"])
     return metrics
@@ -240,13 +244,8 @@ def prefix_variance_shares(vectors: np.ndarray, dims: list[int]) -> dict[str, fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: `python -m components.distill` / `embedforge distill`."""
-    from components.cli import (
-        StageOutcome,
-        parse_stage_args,
-        run_stage,
-        stage_parser,
-    )
+    """CLI: `python -m components.distill` / `embedforge distill` (or under `torchrun`)."""
+    from components.cli import StageOutcome, parse_stage_args, stage_parser
 
     parser = stage_parser(STAGE, DistillConfig)
     args, config = parse_stage_args(parser, argv, DistillConfig, STAGE)
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         fingerprint = MODEL.read_manifest(paths.teacher, verify=False).fingerprint
         return StageOutcome(metrics=metrics, data_fingerprint=fingerprint)
 
-    run_stage(STAGE, args, config, work, args.metrics)
+    run_training_stage(STAGE, args, config, work)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,17 @@ sentence-transformers' trainer with MultipleNegativesRankingLoss (in-batch negat
 negatives; CachedMNRL for batches larger than memory allows, GISTEmbedLoss to let the base model veto
 in-batch false negatives), the no-duplicates batch sampler (a text twice in a batch would be its own false
 negative), evaluation on the dev split during training and the best checkpoint kept. Checkpoints live beside
-the output, so a killed run resumes where it stopped. CUDA with bf16 when present (and several GPUs under
-`torchrun`), CPU otherwise.
+the output, so a killed run resumes where it stopped. CUDA with bf16 when present, CPU otherwise; under
+`torchrun` (several GPUs, several nodes, or CPU processes over gloo) each rank trains on its own share of the
+batches and only global rank 0 tracks, writes the metrics and publishes the teacher.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -24,7 +24,8 @@ from pydantic import Field
 
 from components.artifact_types import Provenance, read_curated, read_mined, write_model
 from components.config import ConfigError, StageConfig, params_digest
-from components.training import accelerator_metrics, dev_evaluator, start_checkpoints, training_arguments
+from components.training import (accelerator_metrics, data_shard_metrics, dev_evaluator, publish_from_rank_zero,
+                                  run_training_stage, start_checkpoints, training_arguments)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -134,8 +135,8 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
     model = load_model(config.base_model)
     serving_length = model.max_seq_length  # the teacher serves at the base model's length, trains shorter
     model.max_seq_length = config.max_seq_length
+    arguments = training_arguments(config, paths.checkpoints)  # sets up the process group under torchrun
     resume_from = start_checkpoints(paths.checkpoints, run_digest)
-    arguments = training_arguments(config, paths.checkpoints)
     trainer = SentenceTransformerTrainer(
         model=model,
         args=arguments,
@@ -143,6 +144,7 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
         loss=build_loss(config, model),
         evaluator=evaluator,
     )
+    shards = data_shard_metrics(trainer)
     baseline = evaluator(model)
     output = trainer.train(resume_from_checkpoint=resume_from)
     best = evaluator(model)
@@ -158,16 +160,15 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
         "dev_ndcg@10_best": best["dev_cosine_ndcg@10"],
         "pairs_per_s": len(frame) * config.epochs / max(output.metrics.get("train_runtime", 1.0), 1e-9),
         "resumed": float(resume_from is not None),
+        **shards,
         **accelerator_metrics(),
         "seconds": time.perf_counter() - started,
     }
     model.max_seq_length = serving_length
-    if trainer.is_world_process_zero():
-        provenance = Provenance(STAGE, digest, {"mined": mined_manifest.fingerprint,
-                                                "curated": curated_manifest.fingerprint})
-        write_model(model, paths.output, provenance, metrics=metrics,
-                    extra={"base_model": config.base_model, "loss": config.loss})
-        shutil.rmtree(paths.checkpoints, ignore_errors=True)
+    provenance = Provenance(STAGE, digest, {"mined": mined_manifest.fingerprint,
+                                            "curated": curated_manifest.fingerprint})
+    publish_from_rank_zero(paths.checkpoints, partial(write_model, model, paths.output, provenance, metrics=metrics,
+                                                      extra={"base_model": config.base_model, "loss": config.loss}))
     log.info("train: %d pairs, %d steps, dev nDCG@10 %.4f -> %.4f, %.1f pairs/s", len(frame), metrics["steps"],
              metrics["dev_ndcg@10_before"], metrics["dev_ndcg@10_best"], metrics["pairs_per_s"])
     return TrainResult(metrics=metrics, loss_history=loss_history, data_fingerprint=mined_manifest.fingerprint)
@@ -180,26 +181,18 @@ def _mean_loss(history: list[tuple[int, float]]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: `python -m components.train` / `embedforge train` (or under `torchrun` on several GPUs)."""
-    from components.cli import (
-        StageOutcome,
-        parse_stage_args,
-        run_stage,
-        stage_parser,
-    )
+    from components.cli import StageOutcome, parse_stage_args, stage_parser
 
     parser = stage_parser(STAGE, TrainConfig)
     args, config = parse_stage_args(parser, argv, TrainConfig, STAGE)
     paths = TrainPaths(mined=args.mined, curated=args.curated, output=args.output, checkpoints=args.checkpoints)
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # other torchrun ranks train but do not track or write
-        train(config, paths)
-        return
 
     def work() -> StageOutcome:
         result = train(config, paths)
         return StageOutcome(metrics=result.metrics, data_fingerprint=result.data_fingerprint,
                             json_artifacts={"loss_history.json": result.loss_history})
 
-    run_stage(STAGE, args, config, work, args.metrics)
+    run_training_stage(STAGE, args, config, work)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Training plumbing that train and distill share: device and precision, the dev evaluator, the trainer's
-arguments, checkpoints that resume a killed run, and peak accelerator memory.
+arguments, checkpoints that resume a killed run, peak accelerator memory, and what `torchrun` needs: which
+process is global rank 0 (the only one that tracks and publishes) and which rows each rank trains on.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -17,11 +19,73 @@ import pandas as pd
 from components.config import ConfigError
 
 if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformerTrainingArguments
+    import argparse
+    from collections.abc import Callable
+
+    from pydantic import BaseModel
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    from components.cli import StageOutcome
 
 log = logging.getLogger(__name__)
 
 DEV_METRIC = "eval_dev_cosine_ndcg@10"
+SHOWN_ROWS = 5  # first row indices of each rank's shard in its log line
+
+
+def is_global_rank_zero() -> bool:
+    """Whether this process is rank 0 of all processes of the run: the one that tracks, writes and publishes.
+
+    `RANK` as torchrun sets it (global over all nodes; `LOCAL_RANK` is 0 once per node), else the initialised
+    process group's rank, else a single process: rank 0.
+    """
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _process_group() -> tuple[int, int] | None:
+    """(rank, world size) of the initialised process group of more than one process; None otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def wait_for_all_ranks() -> None:
+    """A barrier over the ranks of a `torchrun` run (nothing for a single process)."""
+    if _process_group() is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def publish_from_rank_zero(checkpoints: Path, publish: Callable[[], object]) -> None:
+    """Once every rank has loaded the best checkpoint, `publish` (write the model) on global rank 0 alone, and
+    remove the checkpoints there: the model is out."""
+    wait_for_all_ranks()
+    if is_global_rank_zero():
+        publish()
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def run_training_stage(
+    stage: str, args: argparse.Namespace, config: BaseModel, work: Callable[[], StageOutcome]
+) -> None:
+    """`run_stage` (tracking, upload, metrics file) on global rank 0; the other `torchrun` ranks only do the
+    work, which trains with them and publishes nothing (train and distill write on global rank 0 only)."""
+    from components.cli import run_stage
+
+    if is_global_rank_zero():
+        run_stage(stage, args, config, work, args.metrics)
+        return
+    try:
+        work()
+    finally:
+        args.staging.cleanup()  # the local stand-ins `prepare_stage` made for s3:// outputs, unused here
 
 
 def device_settings(cpu_bf16: bool | Literal["auto"]) -> dict[str, object]:
@@ -35,7 +99,10 @@ def device_settings(cpu_bf16: bool | Literal["auto"]) -> dict[str, object]:
         # Tokenising in the main process would leave a fast GPU waiting on the CPU between steps.
         return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False,
                 "dataloader_num_workers": min(4, os.cpu_count() or 1)}
-    return {"bf16": cpu_has_native_bf16() if cpu_bf16 == "auto" else cpu_bf16, "use_cpu": True}
+    # Under `torchrun` (it sets LOCAL_RANK) without GPUs: gloo, torch.distributed's CPU backend, named so that
+    # no MPI build is picked instead; a single process sets up no process group, so names no backend.
+    launched = {"ddp_backend": "gloo"} if "LOCAL_RANK" in os.environ else {}
+    return {"bf16": cpu_has_native_bf16() if cpu_bf16 == "auto" else cpu_bf16, "use_cpu": True, **launched}
 
 
 def accelerator_metrics() -> dict[str, float]:
@@ -119,20 +186,53 @@ def training_arguments(schedule: Schedule, checkpoints: Path) -> SentenceTransfo
 def start_checkpoints(checkpoints: Path, run_digest: str) -> str | None:
     """Claim the checkpoint dir for a run; returns the last checkpoint of a killed run with the same digest.
 
-    `run_digest` names the params and inputs: checkpoints of any other run are discarded, never resumed.
+    `run_digest` names the params and inputs: checkpoints of any other run are discarded, never resumed. Under
+    `torchrun` (call it once the trainer's arguments have set up the process group) global rank 0 alone claims
+    the dir, and every rank then resumes from the same checkpoint.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
-    marker = checkpoints / "run.json"
-    resume_from = None
-    if checkpoints.is_dir():
-        if marker.is_file() and json.loads(marker.read_text()).get("digest") == run_digest:
-            resume_from = get_last_checkpoint(str(checkpoints))
-        else:
+    if is_global_rank_zero():
+        marker = checkpoints / "run.json"
+        if checkpoints.is_dir() and not (marker.is_file()
+                                         and json.loads(marker.read_text()).get("digest") == run_digest):
             log.info("discarding checkpoints in %s: they belong to other params or inputs", checkpoints)
             shutil.rmtree(checkpoints)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"digest": run_digest}))
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"digest": run_digest}))
+    wait_for_all_ranks()
+    resume_from = get_last_checkpoint(str(checkpoints))
     if resume_from:
         log.info("resuming from %s", resume_from)
     return resume_from
+
+
+def data_shard_metrics(trainer: SentenceTransformerTrainer) -> dict[str, float]:
+    """Under `torchrun`: which training rows each rank gets in an epoch, logged by every rank, and what they add
+    up to (rows that more than one rank trains on: none; distinct rows: all that an epoch trains on); nothing
+    for a single process.
+
+    Read from the batch sampler of the trainer's own (sharded) train dataloader; reading it draws no random
+    numbers the training uses (the sampler re-seeds from the seed and the epoch on every pass).
+    """
+    group = _process_group()
+    if group is None:
+        return {}
+    import torch.distributed as dist
+
+    rank, world_size = group
+    batches = list(trainer.get_train_dataloader().batch_sampler)
+    rows = [row for batch in batches for row in batch]
+    log.info("data shard of rank %d of %d: %d rows in %d batches per epoch, first rows %s", rank, world_size,
+             len(rows), len(batches), rows[:SHOWN_ROWS])
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    dist.all_gather_object(shards, rows)
+    sizes = [len(shard) for shard in shards]
+    ranks_of_row = Counter(row for shard in shards for row in set(shard))
+    overlap = sum(ranks > 1 for ranks in ranks_of_row.values())
+    metrics = {"ranks": world_size, "shard_rows_min": min(sizes), "shard_rows_max": max(sizes),
+               "shard_rows_overlap": overlap, "shard_rows_union": len(ranks_of_row)}
+    if rank == 0:
+        log.info("data shards: %d ranks, %d to %d rows each, %d rows on more than one rank, %d distinct rows",
+                 world_size, min(sizes), max(sizes), overlap, len(ranks_of_row))
+    return metrics

@@ -193,9 +193,10 @@ def retrieval_stack(tmp_path_factory: pytest.TempPathFactory, training_inputs: t
     return {"beir": beir, "curated": curated, "quantized": quantized, "index": index, "student": tiny_model_dir}
 
 
-# What tests/model reads of the smoke run, copied as soon as `dvc repro` ends: e2e tests go on to change the
-# project (one re-distills a deliberately worse student), and a session runs tests/e2e before tests/model.
-SMOKE_ARTIFACTS = ("models/teacher", "models/student", "data/beir/debian-test", "data/curated")
+# What tests/model reads of the smoke run (and tests/code/test_distributed_training.py trains on), copied as soon
+# as `dvc repro` ends: e2e tests go on to change the project (one re-distills a deliberately worse student), and
+# a session runs tests/e2e before tests/model.
+SMOKE_ARTIFACTS = ("models/teacher", "models/student", "data/beir/debian-test", "data/curated", "data/mined")
 
 
 @pytest.fixture(scope="session")
@@ -226,6 +227,6 @@ def dvc_smoke_results(dvc_smoke_project: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def dvc_smoke_artifacts(dvc_smoke_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The SMOKE_ARTIFACTS of that run (teacher, student, BEIR test split, curated pairs) at the same relative
-    paths, copied before any test changed the project."""
+    """The SMOKE_ARTIFACTS of that run (teacher, student, BEIR test split, curated and mined pairs) at the same
+    relative paths, copied before any test changed the project."""
     return tmp_path_factory.getbasetemp() / "smoke-artifacts"

@@ -194,10 +194,13 @@ def test_the_profile_every_overlay_runs_is_defined_in_params_yaml(overlay: str) 
 def test_the_names_match_what_the_airflow_dag_mounts_and_reads() -> None:
     resources = render(BASE)
     expected = {"namespace": "embedforge", "artifacts_claim": "embedforge-artifacts",
-                "settings_config_map": "embedforge-settings", "credentials_secret": "embedforge-credentials",
                 "kubernetes_artifact_root": "/artifacts"}
     for key, value in expected.items():
         assert AIRFLOW_SETTINGS.get(key, value) == value, f"params.yaml airflow.{key}"
+    cluster = PARAMS["kubernetes"]
+    assert (cluster["settings_config_map"], cluster["credentials_secret"]) == \
+        ("embedforge-settings", "embedforge-credentials")
+    assert set(cluster["config_map_keys"]) <= set(resources[("ConfigMap", "embedforge-settings")]["data"])
     assert ("Namespace", "embedforge") in resources
     assert ("PersistentVolumeClaim", "embedforge-artifacts") in resources
     assert ("ConfigMap", "embedforge-settings") in resources
@@ -249,6 +252,21 @@ def test_every_replica_runs_torchrun_on_the_train_stage_in_a_container_named_pyt
         module = args.index("-m")
         assert args[module + 1] == "components.train"
         assert replica["template"]["spec"]["securityContext"]["runAsNonRoot"] is True, role
+
+
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_every_replica_runs_the_command_line_the_distributed_training_tests_run(overlay: str) -> None:
+    """tests/code/test_distributed_training.py launches the base Master's command line (its variables filled in
+    for two pods of one process, and one pod of two): the Workers and the overlays must run that same line."""
+    from tests.code.test_distributed_training import pytorchjob_command
+
+    resources = render(BASE) if overlay == "base" else rendered(overlay)
+    for role, replica in replica_specs(resources).items():
+        container = training_container(replica)
+        assert [*container["command"], *container["args"]] == pytorchjob_command(), role
+        # With torchrun's static rendezvous an in-place restart of several pods hangs (seen on CPU): a failed
+        # process must fail its pod, for the operator to restart the pods and the stage to resume.
+        assert not [arg for arg in container["args"] if arg.startswith(("--max-restarts", "--max_restarts"))]
 
 
 def test_the_train_command_uses_only_flags_the_train_stage_has() -> None:
