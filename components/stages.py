@@ -71,6 +71,9 @@ class Stage:
     outputs: tuple[Port, ...]
     gpu: bool = False  # runs on the CUDA image with a GPU request under Kubeflow and Kubernetes
     knobs: Mapping[str, str] = field(default_factory=dict)  # pipeline parameter -> this stage's param key
+    # The few metrics an orchestrator's run view shows (key prefixes; empty: all): the full set stays in the
+    # metrics file, MLflow and the stage's artifact.
+    headline: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -175,6 +178,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
                  Port("plots", "plots", "plots", "folder of CSV plot data (DVC plots)", dvc="plots",
                       dvc_paths=(("plots", "plots/ndcg_vs_dim.csv"), ("plots", "plots/ndcg_vs_dim_by_precision.csv"),
                                  ("plots", "plots/ndcg_vs_bytes.csv")))),
+        headline=("operating_point/", "documents", "queries", "seconds"),
     ),
     Stage(
         "register", "the gate: register the student in MLflow; `champion` only when it earns it",

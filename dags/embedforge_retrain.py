@@ -35,6 +35,8 @@ from docker.types import Mount
 from kubernetes.client import models as k8s
 from pydantic import Field
 
+from components.cli import EXIT_TEMPFAIL, EXIT_USAGE
+from components.cluster import ClusterSettings, cluster_settings
 from components.config import StageConfig, build_config, load_params, load_stage_config
 from components.stages import IMAGES, KNOBS, PIPELINE_INPUTS, STAGES, Stage, command_line
 from components.tracking import find_pipeline_run, tracking_uri
@@ -44,7 +46,8 @@ log = logging.getLogger("embedforge.airflow")
 PROJECT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = "params.yaml"  # relative to the project root: the worker's checkout, or the image's WORKDIR
 DAG_ID = "embedforge_retrain"
-USAGE_ERROR = 2  # the stage CLIs' exit code for a rejected input or param: retrying cannot help
+USAGE_ERROR = EXIT_USAGE  # a stage rejected its input or params: fails the task for good, never retried
+TEMPORARY_FAILURE = EXIT_TEMPFAIL  # S3, network, MLflow server or disk failed: retried with the DAG's backoff
 MODES = ("local", "docker", "kubernetes")
 
 
@@ -63,12 +66,11 @@ class AirflowSettings(StageConfig):
     cpu_image: str = Field(IMAGES["cpu"], min_length=1)  # set where the images go by another name (e.g. localhost/)
     cuda_image: str = Field(IMAGES["cuda"], min_length=1)
     artifacts_claim: str = Field("embedforge-artifacts", min_length=1)
-    settings_config_map: str = Field("embedforge-settings", min_length=1)
-    credentials_secret: str = Field("embedforge-credentials", min_length=1)
 
 
 PARAMS = load_params(PROJECT / PARAMS_FILE)
 SETTINGS = build_config(AirflowSettings, PARAMS.get("airflow") or {}, where=f"{PARAMS_FILE}:airflow")
+CLUSTER = cluster_settings(PARAMS, PROJECT / PARAMS_FILE)  # what a stage pod gets (shared with Kubeflow)
 PROFILES = sorted({"default", *(PARAMS.get("profiles") or {})})
 MODEL_NAME = load_stage_config(STAGES["register"].config_class, "register", PROJECT / PARAMS_FILE).model_name
 
@@ -110,11 +112,16 @@ def stage_environment(pipeline_run: str) -> dict[str, str]:
 
 
 def stage_failed(stage: str, code: int) -> NoReturn:
-    """A rejected input or param fails the task for good; anything else is retried."""
+    """A rejected input or param (exit 2) fails the task for good; an infrastructure failure (exit 75) and any
+    other non-zero exit (a crash) are retried, with the DAG's retries and exponential backoff."""
     if code == USAGE_ERROR:
-        raise AirflowFailException(f"embedforge {stage} rejected its input or params (exit 2): see the log above; "
-                                   f"fix the input or the run's Params and trigger again")
-    raise AirflowException(f"embedforge {stage} failed with exit code {code}; retrying")
+        raise AirflowFailException(f"embedforge {stage} rejected its input or params (exit {code}): see the log "
+                                   f"above; a retry cannot help - fix the input or the run's Params and trigger again")
+    if code == TEMPORARY_FAILURE:
+        raise AirflowException(f"embedforge {stage} hit an infrastructure failure (exit {code}: S3, network, MLflow "
+                               f"server or disk; see the log above); retrying with backoff, if retries are left")
+    how = f"was killed by signal {-code}" if code < 0 else f"crashed with exit code {code}"
+    raise AirflowException(f"embedforge {stage} {how} (see the log above); retrying, if retries are left")
 
 
 def stage_metrics(stage: str, layout: dict[str, Any]) -> dict[str, float]:
@@ -182,29 +189,51 @@ class StagePod(KubernetesPodOperator):
     templates are rendered (it then shows in the UI's rendered-template view) rather than templated element-wise.
     """
 
-    def __init__(self, *, stage: Stage, **kwargs: Any) -> None:
-        gpu = stage.gpu
+    def __init__(self, *, stage: Stage, cluster: ClusterSettings = CLUSTER, **kwargs: Any) -> None:
+        gpu, pod = stage.gpu, cluster.pod(stage.gpu)
         super().__init__(
             task_id=stage.name,
             name=f"embedforge-{stage.name}",
             namespace=SETTINGS.namespace,
             image=SETTINGS.cuda_image if gpu else SETTINGS.cpu_image,
             cmds=["embedforge"],
-            env_from=[k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name=SETTINGS.settings_config_map)),
-                      k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=SETTINGS.credentials_secret,
+            env_from=[k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name=cluster.settings_config_map)),
+                      k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=cluster.credentials_secret,
                                                                           optional=True))],
             container_resources=k8s.V1ResourceRequirements(
-                limits={"nvidia.com/gpu": "1", "memory": "32Gi"} if gpu else {"memory": "8Gi"},
-                requests={"cpu": "4", "memory": "16Gi"} if gpu else {"cpu": "2", "memory": "4Gi"}),
+                requests={"cpu": pod.cpu_request, "memory": pod.memory_request},
+                limits={"cpu": pod.cpu_limit, "memory": pod.memory_limit,
+                        **({"nvidia.com/gpu": str(pod.gpus)} if pod.gpus else {})}),
             volumes=[k8s.V1Volume(name="artifacts", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
-                claim_name=SETTINGS.artifacts_claim))],
-            volume_mounts=[k8s.V1VolumeMount(name="artifacts", mount_path=SETTINGS.kubernetes_artifact_root)],
+                         claim_name=SETTINGS.artifacts_claim)),
+                     k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory",
+                                                                                  size_limit=cluster.shm_size))],
+            volume_mounts=[k8s.V1VolumeMount(name="artifacts", mount_path=SETTINGS.kubernetes_artifact_root),
+                           k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+            node_selector=cluster.gpu_node_selector if gpu else None,
+            tolerations=[k8s.V1Toleration(**toleration.model_dump()) for toleration in cluster.gpu_tolerations]
+            if gpu else None,
+            active_deadline_seconds=pod.timeout_seconds,
+            execution_timeout=timedelta(seconds=pod.timeout_seconds),
             labels={"app.kubernetes.io/part-of": "embedforge", "embedforge/stage": stage.name},
             get_logs=True,
             on_finish_action="delete_succeeded_pod",
             **kwargs,
         )
         self.stage = stage.name
+
+    def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod) -> None:
+        """The provider reports any failed pod as one retryable error: read the stage container's exit code
+        instead, so that a rejected input (2) fails for good here too."""
+        try:
+            super().cleanup(pod, remote_pod)
+        except AirflowException:
+            statuses = (remote_pod.status.container_statuses if remote_pod and remote_pod.status else None) or []
+            stage = next((status for status in statuses if status.name == self.base_container_name), None)
+            terminated = stage.state.terminated if stage and stage.state else None
+            if terminated and terminated.exit_code:
+                stage_failed(self.stage, terminated.exit_code)
+            raise
 
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)

@@ -19,6 +19,7 @@ import argparse
 import inspect
 import linecache
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,14 @@ from kfp import compiler, dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.artifact_types import MODEL
+from components.cluster import RUN_ID_LABEL, ClusterSettings, cluster_settings
+from components.config import load_params
 from components.stages import IMAGES, KNOBS, PIPELINE_INPUTS, STAGES, Port, Stage, produced_by
 from pipelines.stage_runner import parameter_name
 
 COMPILED = Path(__file__).with_name("embedforge_pipeline.yaml")
-COMMON = ("params", "profile", "pipeline_run")  # string parameters every component takes
+COMMON = ("params", "profile")  # string parameters every component takes
+PIPELINE_RUN_ENV = "EMBEDFORGE_PIPELINE_RUN"  # the key of the run's MLflow parent (components/tracking.py)
 
 
 def kfp_type(port: Port, direction: str) -> str | None:
@@ -39,7 +43,8 @@ def kfp_type(port: Port, direction: str) -> str | None:
     if port.kind is None:
         if direction == "Input":
             return "str"  # a plain input file: a path or URI parameter
-        return {"metrics": "Output[Metrics]", "report": "Output[Markdown]"}.get(port.name)
+        return {"metrics": "Output[Metrics]", "report": "Output[Markdown]", "plot": "Output[Markdown]",
+                "plots": "Output[Markdown]"}.get(port.name)
     return f"{direction}[{'Model' if port.kind == MODEL else 'Dataset'}]"
 
 
@@ -66,17 +71,41 @@ def make_component(stage: Stage, base_image: str) -> dsl.base_component.BaseComp
 
 
 PARAMETERS = {**{artifact: port.path for artifact, port in PIPELINE_INPUTS.items()},
-              "params": "params.yaml", "profile": "", **{knob: "" for knob in KNOBS},
-              "pipeline_run": dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
+              "params": "params.yaml", "profile": "", **{knob: "" for knob in KNOBS}}
 
 
-def request_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    return task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1).set_memory_limit("32G")
+def on_cluster(task: dsl.PipelineTask, stage: Stage, cluster: ClusterSettings) -> dsl.PipelineTask:
+    """What the task's pod gets on Kubernetes (params.yaml `kubernetes`, shared with the Airflow DAG): requests and
+    limits (a GPU for train and distill, on GPU nodes), `/dev/shm`, a timeout, retries with backoff, the
+    settings and credentials as environment from the ConfigMap and Secret, and this run's id (the pod label
+    Kubeflow sets) as the MLflow parent key, outside the task's parameters so that it never enters a cache key."""
+    from kfp import kubernetes
+
+    pod = cluster.pod(stage.gpu)
+    task.set_cpu_request(pod.cpu_request).set_cpu_limit(pod.cpu_limit)
+    task.set_memory_request(pod.memory_request).set_memory_limit(pod.memory_limit)
+    if pod.gpus:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(pod.gpus)
+    task.set_retry(num_retries=cluster.retries, backoff_duration=f"{cluster.retry_delay_seconds}s",
+                   backoff_factor=2, backoff_max_duration=f"{cluster.max_retry_delay_seconds}s")
+    kubernetes.use_config_map_as_env(task, cluster.settings_config_map, {key: key for key in cluster.config_map_keys})
+    kubernetes.use_secret_as_env(task, cluster.credentials_secret, {key: key for key in cluster.secret_keys},
+                                 optional=True)
+    kubernetes.use_field_path_as_env(task, PIPELINE_RUN_ENV, f"metadata.labels['{RUN_ID_LABEL}']")
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                               size_limit=cluster.shm_size)
+    kubernetes.set_timeout(task, pod.timeout_seconds)
+    if stage.gpu:
+        for label, value in cluster.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label_key=label, label_value=value)
+        for toleration in cluster.gpu_tolerations:
+            kubernetes.add_toleration(task, **toleration.model_dump())
+    return task
 
 
-def build_pipeline(images: Mapping[str, str] = IMAGES, *, request_gpus: bool = True) -> Callable[..., Any]:
+def build_pipeline(images: Mapping[str, str] = IMAGES, cluster: ClusterSettings | None = None) -> Callable[..., Any]:
     """The pipeline with each stage's component on `images[kind]` (the table's images by default; a local run
-    may put the GPU stages on the CPU image) and, with `request_gpus`, a GPU request on the GPU stages."""
+    may put the GPU stages on the CPU image) and, for a cluster, each task's pod settings (`on_cluster`)."""
     components = {name: make_component(stage, images["cuda" if stage.gpu else "cpu"])
                   for name, stage in STAGES.items()}
 
@@ -92,7 +121,7 @@ def build_pipeline(images: Mapping[str, str] = IMAGES, *, request_gpus: bool = T
                                                tasks[producer.name].outputs[parameter_name(
                                                    next(p for p in producer.outputs if p.artifact == port.artifact))])
             task = components[name](**wired)
-            tasks[name] = request_gpu(task) if stage.gpu and request_gpus else task
+            tasks[name] = task if cluster is None else on_cluster(task, stage, cluster)
 
     _wire.__signature__ = inspect.Signature([
         inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=str)
@@ -105,20 +134,21 @@ def build_pipeline(images: Mapping[str, str] = IMAGES, *, request_gpus: bool = T
     )(_wire)
 
 
-embedforge_pipeline = build_pipeline()
+PARAMS_PATH = Path(__file__).resolve().parents[1] / "params.yaml"
+embedforge_pipeline = build_pipeline(IMAGES, cluster_settings(load_params(PARAMS_PATH), PARAMS_PATH))
 
 
-def docker_runner(tracking_uri: str, inputs: list[Path], *, user: str | None = None) -> Any:
+def docker_runner(environment: dict[str, str], inputs: list[Path], *, user: str | None = None) -> Any:
     """kfp.local's DockerRunner as embedforge's images need it: the image's `embedforge` entrypoint cleared (KFP
-    gives the full command), the host network (a tracking or S3 server on 127.0.0.1), the tracking URI and
-    offline hub in the environment, and the container running as the invoking user (default), so that what it
-    writes on the bind-mounted pipeline root belongs to them. Local input files are mounted read-only at their
-    own paths (kfp.local mounts only the pipeline root)."""
+    gives the full command), the host network (a tracking or S3 server on 127.0.0.1), the run's environment
+    (tracking URI, run key, offline hub; S3 settings passed through), and the container running as the invoking
+    user (default), so that what it writes on the bind-mounted pipeline root belongs to them. Local input files
+    are mounted read-only at their own paths (kfp.local mounts only the pipeline root)."""
     from docker.types import Mount
     from kfp import local
 
-    environment = {"MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1"}
-    environment |= {key: value for key, value in os.environ.items() if key.startswith(("AWS_", "MLFLOW_S3_"))}
+    environment = environment | {key: value for key, value in os.environ.items()
+                                 if key.startswith(("AWS_", "MLFLOW_S3_"))}
     mounts = [Mount(target=str(path), source=str(path), type="bind", read_only=True) for path in inputs]
     return local.DockerRunner(entrypoint=[""], network_mode="host", environment=environment, mounts=mounts,
                               user=user or f"{os.getuid()}:{os.getgid()}")
@@ -147,14 +177,16 @@ def check_docker_image(image: str) -> None:
                          "`bash containers/build.sh` (podman names it localhost/NAME:TAG) or pass --image")
 
 
-def run_locally(runner: str, pipeline_root: Path, image: str, tracking: str | None,
+def run_locally(runner: str, pipeline_root: Path, image: str, tracking: str | None, pipeline_run: str,
                 arguments: dict[str, str]) -> None:
-    """The whole pipeline under kfp.local: in containers of one image (docker) or in this Python (subprocess)."""
+    """The whole pipeline under kfp.local: in containers of one image (docker) or in this Python (subprocess).
+    `pipeline_run` keys the MLflow parent run, as a cluster run's id does."""
     from kfp import local
 
     from components.tracking import tracking_uri
 
-    tracking = tracking or tracking_uri()
+    environment = {"MLFLOW_TRACKING_URI": tracking or tracking_uri(), PIPELINE_RUN_ENV: pipeline_run,
+                   "HF_HUB_OFFLINE": "1"}
     inputs: list[Path] = []
     for name in (*PIPELINE_INPUTS, "params"):  # local input files by absolute path, the same in a container
         value = arguments.get(name, PARAMETERS[name])
@@ -163,11 +195,11 @@ def run_locally(runner: str, pipeline_root: Path, image: str, tracking: str | No
             arguments[name] = str(inputs[-1])
     if runner == "docker":
         check_docker_image(image)
-        pipeline = build_pipeline({"cpu": image, "cuda": image}, request_gpus=False)
-        local.init(runner=docker_runner(tracking, inputs), pipeline_root=str(pipeline_root.resolve()))
+        pipeline = build_pipeline({"cpu": image, "cuda": image})
+        local.init(runner=docker_runner(environment, inputs), pipeline_root=str(pipeline_root.resolve()))
     else:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking
-        pipeline = embedforge_pipeline
+        os.environ.update(environment)
+        pipeline = build_pipeline(IMAGES)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root.resolve()))
     pipeline_root.mkdir(parents=True, exist_ok=True)
     earlier_runs = set(pipeline_root.iterdir())
@@ -206,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     local_run.add_argument("--tracking-uri", default=None,
                            help="MLflow tracking URI for the tasks (default: MLFLOW_TRACKING_URI or the local store); "
                                 "a container sees only the pipeline root and the host network")
+    local_run.add_argument("--pipeline-run", default=f"kfp-local-{time.strftime('%Y%m%d-%H%M%S')}",
+                           help="the run's key: its MLflow parent run is tagged with it")
     local_run.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                            help="pipeline parameter (repeatable), e.g. -p profile=smoke")
     args = parser.parse_args(argv)
@@ -213,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         print(compile_pipeline(args.output))
         return
     if args.command == "run-local":
-        run_locally(args.runner, args.pipeline_root, args.image, args.tracking_uri,
+        run_locally(args.runner, args.pipeline_root, args.image, args.tracking_uri, args.pipeline_run,
                     dict(item.split("=", 1) for item in args.param))
         return
     import kfp

@@ -172,13 +172,24 @@ def test_kubernetes_mode_renders_a_pod_running_the_stage_cli_on_the_project_imag
     assert container.args == layout["argv"][stage]
     assert all(path.startswith(settings.kubernetes_artifact_root + "/") for path in container.args
                if path.startswith("/"))
+    cluster = retrain_module.CLUSTER
+    resources = cluster.gpu_pod if gpu else cluster.cpu_pod
     assert (container.resources.limits.get("nvidia.com/gpu") == "1") is gpu
-    assert [mount.mount_path for mount in container.volume_mounts] == [settings.kubernetes_artifact_root]
+    assert container.resources.requests == {"cpu": resources.cpu_request, "memory": resources.memory_request}
+    assert container.resources.limits["memory"] == resources.memory_limit
+    assert [mount.mount_path for mount in container.volume_mounts] == [settings.kubernetes_artifact_root, "/dev/shm"]
     assert pod.spec.volumes[0].persistent_volume_claim.claim_name == settings.artifacts_claim
+    assert (pod.spec.volumes[1].empty_dir.medium, pod.spec.volumes[1].empty_dir.size_limit) == \
+        ("Memory", cluster.shm_size)
+    assert pod.spec.active_deadline_seconds == resources.timeout_seconds
+    assert operator.execution_timeout.total_seconds() == resources.timeout_seconds
+    assert (pod.spec.node_selector or {}) == (cluster.gpu_node_selector if gpu else {})
+    assert [toleration.key for toleration in pod.spec.tolerations or []] == \
+        ([toleration.key for toleration in cluster.gpu_tolerations] if gpu else [])
     env = {item.name: item.value for item in container.env}
     assert env == {"EMBEDFORGE_PIPELINE_RUN": f"embedforge_retrain/{RUN_ID}"}
     assert {source.config_map_ref.name for source in container.env_from if source.config_map_ref} == \
-        {settings.settings_config_map}
+        {retrain_module.CLUSTER.settings_config_map}
     assert pod.metadata.namespace == settings.namespace
 
 
@@ -199,11 +210,41 @@ def test_docker_mode_runs_the_stage_cli_in_a_container_of_the_project_image_on_t
     assert operator.environment["MLFLOW_TRACKING_URI"] and operator.environment["HF_HUB_OFFLINE"] == "1"
 
 
-def test_a_stage_that_rejects_its_input_fails_for_good_and_any_other_failure_is_retried(retrain_module: Any) -> None:
+@pytest.mark.parametrize(("code", "retried", "says"), [
+    (2, False, "rejected its input or params (exit 2): see the log above; a retry cannot help"),
+    (75, True, "infrastructure failure (exit 75: S3, network, MLflow server or disk"),
+    (1, True, "crashed with exit code 1"),
+    (-9, True, "was killed by signal 9"),
+], ids=["usage", "tempfail", "crash", "killed"])
+def test_a_stage_that_rejects_its_input_fails_for_good_and_any_other_failure_is_retried(
+        retrain_module: Any, code: int, retried: bool, says: str) -> None:
+    import re
+
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-    with pytest.raises(AirflowFailException, match="rejected its input or params"):
-        retrain_module.stage_failed("curate", 2)
-    with pytest.raises(AirflowException, match="exit code 1; retrying") as failed:
-        retrain_module.stage_failed("curate", 1)
-    assert not isinstance(failed.value, AirflowFailException)
+    from components.cli import EXIT_TEMPFAIL, EXIT_USAGE
+
+    assert (retrain_module.USAGE_ERROR, retrain_module.TEMPORARY_FAILURE) == (EXIT_USAGE, EXIT_TEMPFAIL)
+    with pytest.raises(AirflowException, match=re.escape(says)) as failed:
+        retrain_module.stage_failed("curate", code)
+    assert isinstance(failed.value, AirflowFailException) is not retried
+    assert ("retrying" in str(failed.value)) is retried
+
+
+@pytest.mark.parametrize(("exit_code", "retried"), [(2, False), (75, True), (1, True)])
+def test_kubernetes_mode_fails_a_rejected_input_for_good_and_retries_the_rest(
+        dag: Any, exit_code: int, retried: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+    from kubernetes.client import models as k8s
+
+    operator = dag.get_task("kubernetes.curate")
+    terminated = k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=exit_code))
+    remote_pod = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="embedforge-curate-x", namespace="embedforge"),
+                           status=k8s.V1PodStatus(phase="Failed", container_statuses=[k8s.V1ContainerStatus(
+                               name=operator.base_container_name, state=terminated, image="i", image_id="i",
+                               ready=False, restart_count=0)]))
+    for cluster_call in ("is_istio_enabled", "patch_already_checked", "process_pod_deletion", "_read_pod_events"):
+        monkeypatch.setattr(operator, cluster_call, lambda *_, **__: False)  # no cluster here to ask
+    with pytest.raises(AirflowException) as failed:
+        operator.cleanup(remote_pod, remote_pod)
+    assert isinstance(failed.value, AirflowFailException) is not retried

@@ -21,7 +21,7 @@ from components.artifacts import read_manifest
 from components.stages import IMAGES, STAGES
 from pipelines.kfp_pipeline import COMPILED, compile_pipeline
 from tests.e2e.project import assert_same_as_dvc, tracked_copy, use_profile
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, pipeline_runs
 
 
 def test_the_committed_pipeline_ir_is_current(tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_the_committed_pipeline_ir_is_current(tmp_path: Path) -> None:
 def test_the_gpu_stages_request_a_gpu_on_the_cuda_image_and_the_others_run_on_the_cpu_image() -> None:
     import yaml
 
-    spec = yaml.safe_load(COMPILED.read_text())
+    spec, _ = yaml.safe_load_all(COMPILED.read_text())  # the pipeline spec, then the Kubernetes platform spec
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == {f"exec-{stage}" for stage in STAGES}
     for name, executor in executors.items():
@@ -61,8 +61,8 @@ def kfp_run(tmp_path_factory: pytest.TempPathFactory, cpu_image: str, docker_hos
     root = project / "kfp_outputs"
     root.mkdir()
     started = time.perf_counter()
-    result = run_local(project, root, docker_host, "--image", cpu_image, "-p", "profile=smoke",
-                       "-p", "pipeline_run=kfp-smoke")
+    result = run_local(project, root, docker_host, "--image", cpu_image, "--pipeline-run", "kfp-smoke",
+                       "-p", "profile=smoke")
     print(f"kfp.local DockerRunner, smoke profile: {time.perf_counter() - started:.0f}s")
     assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
     assert result.stdout.count(f"Found image {cpu_image!r}") == len(STAGES), "every task runs in the CPU image"
@@ -86,7 +86,27 @@ def test_every_stage_publishes_its_artifacts_and_metrics(kfp_run: Path) -> None:
     assert metrics["quantize"]["student/encode_docs_per_s"] > 0 and metrics["index"]["indexes"] == 30
     assert 0 < metrics["evaluate"]["operating_point/ndcg@10"] <= 1
     assert metrics["register"]["gate/promoted"] == 1.0
-    assert "## Operating point" in _output(kfp_run, "evaluate", "report").read_text()
+
+
+@pytest.mark.slow
+def test_the_ui_gets_headline_metrics_and_self_contained_report_and_plots(kfp_run: Path) -> None:
+    assert set(_metrics(kfp_run, "evaluate")) == {"operating_point/ndcg@10", "operating_point/dim",
+                                                  "operating_point/bytes_per_vector", "operating_point/p99_ms",
+                                                  "documents", "queries", "seconds"}  # the grid stays a dataset
+    assert (_output(kfp_run, "evaluate", "evaluation") / "grid.json").is_file()
+    report = _output(kfp_run, "evaluate", "report").read_text()
+    assert "## Operating point" in report and report.count("](data:image/png;base64,") == 2
+    assert "](data:image/png;base64," in _output(kfp_run, "mine", "mine_plot").read_text()
+    assert "### curate_drops\n\n| " in _output(kfp_run, "curate", "curate_plot").read_text()
+    assert "### ndcg_vs_dim\n\n| " in _output(kfp_run, "evaluate", "plots").read_text()
+
+
+@pytest.mark.slow
+def test_every_task_tracks_under_one_mlflow_parent_run_keyed_by_the_run(kfp_run: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    _, children = pipeline_runs(MlflowClient(f"sqlite:///{kfp_run / 'mlflow.db'}"), "kfp-smoke")
+    assert set(children) == set(STAGES)
 
 
 def _metrics(root: Path, task: str) -> dict[str, float]:
