@@ -91,8 +91,11 @@ def git_commit() -> str:
     return result.stdout.strip()
 
 
+PIPELINE_RUN_ENV = "EMBEDFORGE_PIPELINE_RUN"  # an orchestrator's run id: the key of its MLflow parent run
+
+
 def pipeline_key(params_path: Path) -> str:
-    explicit = os.environ.get("EMBEDFORGE_PIPELINE_RUN")
+    explicit = os.environ.get(PIPELINE_RUN_ENV)
     if explicit:
         return explicit
     params_bytes = params_path.read_bytes() if params_path.is_file() else b""

@@ -39,7 +39,7 @@ from components.cli import EXIT_TEMPFAIL, EXIT_USAGE
 from components.cluster import ClusterSettings, cluster_settings
 from components.config import StageConfig, build_config, load_params, load_stage_config
 from components.stages import IMAGES, KNOBS, PIPELINE_INPUTS, STAGES, Stage, command_line
-from components.tracking import find_pipeline_run, tracking_uri
+from components.tracking import PIPELINE_RUN_ENV, find_pipeline_run, tracking_uri
 
 log = logging.getLogger("embedforge.airflow")
 
@@ -107,7 +107,7 @@ def stage_environment(pipeline_run: str) -> dict[str, str]:
     """What a stage process needs from the worker: the tracking URI, this DAG run's MLflow parent key, the hub
     offline, and S3 / MLflow settings passed through."""
     passed = {key: value for key, value in os.environ.items() if key.startswith(("AWS_", "MLFLOW_"))}
-    return {"MLFLOW_TRACKING_URI": tracking_uri(PROJECT), **passed, "EMBEDFORGE_PIPELINE_RUN": pipeline_run,
+    return {"MLFLOW_TRACKING_URI": tracking_uri(PROJECT), **passed, PIPELINE_RUN_ENV: pipeline_run,
             "HF_HUB_OFFLINE": "1"}
 
 
@@ -239,7 +239,7 @@ class StagePod(KubernetesPodOperator):
         super().render_template_fields(context, jinja_env)
         layout = context["ti"].xcom_pull(task_ids="plan")
         self.arguments = layout["argv"][self.stage]
-        self.env_vars = [k8s.V1EnvVar(name="EMBEDFORGE_PIPELINE_RUN", value=layout["pipeline_run"])]
+        self.env_vars = [k8s.V1EnvVar(name=PIPELINE_RUN_ENV, value=layout["pipeline_run"])]
 
 
 def knob_param(knob: str) -> Param:

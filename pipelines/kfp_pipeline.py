@@ -31,11 +31,11 @@ from components.artifact_types import MODEL
 from components.cluster import RUN_ID_LABEL, ClusterSettings, cluster_settings
 from components.config import load_params
 from components.stages import IMAGES, KNOBS, PIPELINE_INPUTS, STAGES, Port, Stage, produced_by
-from pipelines.stage_runner import parameter_name
+from components.tracking import PIPELINE_RUN_ENV, tracking_uri
+from pipelines.stage_runner import MARKDOWN_VIEWS, parameter_name
 
 COMPILED = Path(__file__).with_name("embedforge_pipeline.yaml")
 COMMON = ("params", "profile")  # string parameters every component takes
-PIPELINE_RUN_ENV = "EMBEDFORGE_PIPELINE_RUN"  # the key of the run's MLflow parent (components/tracking.py)
 
 
 def kfp_type(port: Port, direction: str) -> str | None:
@@ -43,8 +43,7 @@ def kfp_type(port: Port, direction: str) -> str | None:
     if port.kind is None:
         if direction == "Input":
             return "str"  # a plain input file: a path or URI parameter
-        return {"metrics": "Output[Metrics]", "report": "Output[Markdown]", "plot": "Output[Markdown]",
-                "plots": "Output[Markdown]"}.get(port.name)
+        return {"metrics": "Output[Metrics]", **dict.fromkeys(MARKDOWN_VIEWS, "Output[Markdown]")}.get(port.name)
     return f"{direction}[{'Model' if port.kind == MODEL else 'Dataset'}]"
 
 
@@ -182,8 +181,6 @@ def run_locally(runner: str, pipeline_root: Path, image: str, tracking: str | No
     """The whole pipeline under kfp.local: in containers of one image (docker) or in this Python (subprocess).
     `pipeline_run` keys the MLflow parent run, as a cluster run's id does."""
     from kfp import local
-
-    from components.tracking import tracking_uri
 
     environment = {"MLFLOW_TRACKING_URI": tracking or tracking_uri(), PIPELINE_RUN_ENV: pipeline_run,
                    "HF_HUB_OFFLINE": "1"}

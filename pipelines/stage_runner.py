@@ -66,8 +66,7 @@ def run(stage: str, values: dict[str, Any]) -> dict[str, float]:
     parameter, so it stays out of the task's cache key.
 
     The report and plots are written to a scratch folder and published as Markdown views (`markdown_view`);
-    checkpoints go beside the stage's first output artifact. When
-    the stage fails, the task's process (`python -m kfp.dsl.executor_main`, which lets `SystemExit` through)
+    checkpoints go beside the stage's first output artifact. When the stage fails, the task's process (`python -m kfp.dsl.executor_main`, which lets `SystemExit` through)
     exits with the stage's own code: 2 for a rejected input or param (permanent), 75 for S3, network, MLflow
     server or disk (transient). kfp.local and a plain container see that status; a Kubeflow Pipelines backend's
     launcher, which wraps the process, reports any failure as its own exit 1. The stage has already logged why;
