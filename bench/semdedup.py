@@ -2,7 +2,8 @@
 
 Why: inside the curate stage `semantic_dedup` runs after a long embedding pass, so its cost and the effect of
 `eps` and `keep` cannot be read off a pipeline run. This replays it on exactly the rows the pipeline
-deduplicated (train+dev, recovered from the curated pairs and their audit) and reports time and dedup rate.
+deduplicated (train+dev, recovered from the curated pairs and their audit) and reports time, dedup rate, and
+how many of the near-duplicate pairs (exact all-pairs search) the clusters find at each `dedup_probes`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,10 @@ import pandas as pd
 
 from components import artifacts
 from components.artifact_types import CURATED, EMBEDDINGS
-from components.curate import (
-    CurateConfig,
-    KeepRule,
-    SemanticDedup,
-    semantic_dedup,
-)
+from components import semdedup
+from components.curate import CurateConfig
 from components.faiss_device import faiss_device, spherical_kmeans
+from components.semdedup import KeepRule, SemanticDedup, semantic_dedup
 
 DEFAULTS = CurateConfig.model_validate({})  # the curate stage's built-in defaults
 
@@ -60,7 +58,7 @@ def timed_dedup(vectors: np.ndarray, ids: list[str], args: argparse.Namespace, e
                 keep: KeepRule) -> tuple[SemanticDedup, float]:
     started = time.perf_counter()
     result = semantic_dedup(vectors, ids, n_clusters=args.n_clusters, eps=eps, keep_rule=keep,
-                            iterations=args.iterations, seed=args.seed)
+                            iterations=args.iterations, seed=args.seed, probes=args.probes)
     return result, time.perf_counter() - started
 
 
@@ -69,6 +67,40 @@ def timed_kmeans(vectors: np.ndarray, args: argparse.Namespace) -> float:
     started = time.perf_counter()
     spherical_kmeans(vectors, min(args.n_clusters, len(vectors)), iterations=args.iterations, seed=args.seed)
     return time.perf_counter() - started
+
+
+def pair_recall(vectors: np.ndarray, args: argparse.Namespace, eps: float) -> list[dict[str, Any]]:
+    """Near-duplicate pairs found through the clusters at each probe count vs every pair (exact all-pairs)."""
+    every = semdedup.near_duplicate_pairs(vectors, np.zeros((len(vectors), 1), dtype=np.int64), np.arange(1), eps)
+    exact = {(a, b) for a, b, _ in every.tolist()}
+    centroids = semdedup.fit_centroids(vectors, args.n_clusters, iterations=args.iterations, seed=args.seed)
+    rows = []
+    for probes in (1, 2, 3, 5, 8):
+        started = time.perf_counter()
+        found = semdedup.near_duplicate_pairs(vectors, semdedup.probe(vectors, centroids, probes),
+                                              np.arange(len(centroids)), eps)
+        rows.append({"probes": probes, "pairs_exact": len(exact), "pairs_found": len(found),
+                     "recall": len({(a, b) for a, b, _ in found.tolist()} & exact) / max(len(exact), 1),
+                     "seconds": time.perf_counter() - started})
+    return rows
+
+
+def stability(vectors: np.ndarray, ids: list[str], args: argparse.Namespace, eps: float,
+              keep: KeepRule) -> list[dict[str, Any]]:
+    """Rows whose keep decision flips when every vector moves by noise of norm `scale` (another CPU's kernels:
+    ~1e-6; bf16 instead of float32 inference: ~1e-2), and the pairs within `scale` of the threshold."""
+    reference = timed_dedup(vectors, ids, args, eps, keep)[0]
+    every = semdedup.near_duplicate_pairs(vectors, np.zeros((len(vectors), 1), dtype=np.int64), np.arange(1),
+                                          eps - 0.01)
+    rows = []
+    for scale in (1e-6, 1e-5, 1e-4, 1e-3):
+        noise = np.random.default_rng(0).normal(size=vectors.shape) * scale / np.sqrt(vectors.shape[1])
+        moved = vectors + noise.astype(np.float32)
+        moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+        result = timed_dedup(moved, ids, args, eps, keep)[0]
+        rows.append({"noise": scale, "decisions_flipped": int((result.keep != reference.keep).sum()),
+                     "pairs_within_noise_of_threshold": int((np.abs(every["cosine"] - (1 - eps)) < scale).sum())})
+    return rows
 
 
 def summary(result: SemanticDedup, seconds: float, eps: float, keep: KeepRule) -> dict[str, Any]:
@@ -105,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=DEFAULTS.kmeans_iterations,
                         help="k-means iterations")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="k-means seed")
+    parser.add_argument("--probes", type=int, default=DEFAULTS.dedup_probes, help="clusters each row probes")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs at the default eps")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -131,10 +164,16 @@ def main(argv: list[str] | None = None) -> None:
     eps_rows = [summary(*timed_dedup(vectors, ids, args, value, keep), value, keep) for value in args.eps]
     print(f"## dedup rate vs eps (keep {keep.value}, one run each)\n\n{markdown(eps_rows)}\n")
     keep_rows = [summary(*timed_dedup(vectors, ids, args, eps, rule), eps, rule) for rule in KeepRule]
-    print(f"## keep rule at eps {eps} (one run each)\n\n{markdown(keep_rows)}")
+    print(f"## keep rule at eps {eps} (one run each)\n\n{markdown(keep_rows)}\n")
+    stability_rows = stability(vectors, ids, args, eps, keep)
+    print(f"## decisions flipped by perturbed embeddings (eps {eps})\n\n{markdown(stability_rows)}\n")
+    recall_rows = pair_recall(vectors, args, eps)
+    print(f"## near-duplicate pairs found through the clusters vs exact all-pairs, eps {eps}\n\n"
+          f"{markdown(recall_rows)}")
 
     if args.json:
-        results = {"machine": machine, "timing": timing, "eps": eps_rows, "keep": keep_rows}
+        results = {"machine": machine, "timing": timing, "eps": eps_rows, "keep": keep_rows,
+                   "pair_recall": recall_rows, "stability": stability_rows}
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 

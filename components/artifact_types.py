@@ -14,6 +14,11 @@ verification); this module says what each kind of artifact holds:
 | `quantized_embeddings` | quantize | `doc_ids.json`; per model `float32.npy`, `d<dim>.int8.npy`, `d<dim>.ubinary.npy`, `calibration.json` |
 | `faiss_indexes` | index | per model and dim `<type>.faiss` and `<type>.json` (an `IndexRecord`) |
 | `evaluation` | evaluate | `grid.json`, `operating_point.json` |
+| `prepared_shard` | curate (step `prepare`) | `rows.parquet` (raw columns normalised, split, key), `audit.parquet` |
+| `curate_plan` | curate (step `plan`) | `rows.parquet` (+ embed_batch), `audit.parquet`, `embed-<shard>.parquet` |
+| `embedded_shard` | curate (step `embed`) | `embeddings.npy`, `ids.parquet` (one shard's batches) |
+| `clustered_embeddings` | curate (step `cluster`) | `embeddings.npy`, `ids.parquet` (id order), `centroids.npy`, `probed.npy` |
+| `near_duplicates` | curate (step `dedup`) | `pairs.parquet` (a, b row positions, cosine) of one cluster group |
 
 A schema version changes only when a file's layout changes; readers refuse any other version.
 """
@@ -75,6 +80,12 @@ MODEL = ArtifactType("sentence_transformer", 1, "a sentence-transformers model d
 QUANTIZED = ArtifactType("quantized_embeddings", 1, "the test corpus per model and dim: float32, int8, binary")
 INDEXES = ArtifactType("faiss_indexes", 1, "faiss indexes per model, dim and index type")
 EVALUATION = ArtifactType("evaluation", 1, "every measurement of the grid and the chosen operating point")
+# curate's shard steps: what its fanned-out tasks hand each other (components/curate.py)
+PREPARED_SHARD = ArtifactType("prepared_shard", 1, "one input shard, validated and normalised, with split and key")
+CURATE_PLAN = ArtifactType("curate_plan", 1, "rows after global exact dedup and the cap; embedding batches")
+EMBEDDED_SHARD = ArtifactType("embedded_shard", 1, "base-model embeddings of one shard's batches")
+CLUSTERED = ArtifactType("clustered_embeddings", 1, "all train+dev embeddings, k-means centroids, probed clusters")
+NEAR_DUPLICATES = ArtifactType("near_duplicates", 1, "near-duplicate pairs found in one group of clusters")
 
 
 # --- curated pairs ---
@@ -97,6 +108,38 @@ def write_curated(target: Path, pairs: pd.DataFrame, audit: pd.DataFrame, proven
 def read_curated(path: Path, columns: list[str] | None = None) -> Curated:
     manifest = CURATED.read_manifest(path)
     return Curated(manifest, pd.read_parquet(artifacts.member(path, manifest, "pairs.parquet"), columns=columns))
+
+
+# --- tables and arrays of curate's shard steps ---
+
+def write_step(kind: ArtifactType, target: Path, provenance: Provenance, *, tables: dict[str, pd.DataFrame],
+               arrays: dict[str, np.ndarray] | None = None, counts: dict[str, int] | None = None,
+               extra: dict[str, Any] | None = None) -> None:
+    """An intermediate artifact of curate's steps: parquet tables and npy arrays, published atomically."""
+    with kind.publish(target, provenance) as (tmp, meta):
+        for name, frame in tables.items():
+            frame.to_parquet(tmp / f"{name}.parquet", index=False)
+        for name, array in (arrays or {}).items():
+            np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+        meta["counts"] = counts or {}
+        meta["extra"] = extra or {}
+
+
+@dataclass(frozen=True)
+class StepArtifact:
+    path: Path
+    manifest: Manifest
+
+    def table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        return pd.read_parquet(artifacts.member(self.path, self.manifest, f"{name}.parquet"), columns=columns)
+
+    def array(self, name: str, *, mmap: bool = False) -> np.ndarray:
+        return np.load(artifacts.member(self.path, self.manifest, f"{name}.npy"), allow_pickle=False,
+                       mmap_mode="r" if mmap else None)
+
+
+def read_step(kind: ArtifactType, path: Path) -> StepArtifact:
+    return StepArtifact(Path(path), kind.read_manifest(Path(path)))
 
 
 # --- base-model embeddings ---
@@ -314,7 +357,7 @@ def read_quantized(path: Path) -> QuantizedCorpus:
 # --- faiss indexes ---
 
 PRECISION_OF: dict[str, str] = {"float_flat": "float32", "float_hnsw": "float32", "int8_flat": "int8",
-                                "binary_flat": "binary", "binary_hnsw": "binary"}
+                                "binary_flat": "binary", "binary_hnsw": "binary", "binary_ivf": "binary"}
 
 
 @dataclass(frozen=True)

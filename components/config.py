@@ -10,7 +10,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -27,6 +27,10 @@ class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are errors, so a typo never silently keeps a default."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Fields that change how a stage runs, never what it produces (shard counts, worker processes): left out
+    # of the params digest, so that an artifact made with 1 or 8 shards carries the same provenance.
+    execution_fields: ClassVar[frozenset[str]] = frozenset()
 
 
 ConfigT = TypeVar("ConfigT", bound=StageConfig)
@@ -129,5 +133,6 @@ def load_stage_config(
 
 def params_digest(config: BaseModel) -> str:
     """A stable short hash of a config, recorded in manifests so an artifact says which params made it."""
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    exclude = set(getattr(config, "execution_fields", ()))
+    canonical = json.dumps(config.model_dump(mode="json", exclude=exclude), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

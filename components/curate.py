@@ -1,19 +1,28 @@
 """curate: raw pairs -> validated, normalised, deduplicated, source-grouped train/dev/test splits.
 
-Steps, each counted in the metrics and every drop written to an audit table:
+What it does, each drop counted in the metrics and written to an audit table:
 1. read strictly and validate with great-expectations (suite `raw_pairs`);
 2. optionally subsample whole source packages (`max_pairs`, for quick profiles);
 3. normalise text; drop pairs empty after normalisation, too short or too long;
-4. exact dedup: identical normalised (query, positive) pairs;
+4. exact dedup: identical normalised (query, positive) pairs, the first by id kept;
 5. split by source package, so siblings (lib/dev/doc of one source) never straddle train and test; optionally
    cap train+dev by whole source packages (`max_trainable_pairs`, a CPU time budget): the test split stays
    exactly as it is without the cap, so small and full runs are evaluated on the same queries;
 6. embed every train and dev positive once with the base model (a reusable artifact: mining needs it too; the
    test split is never embedded here);
-7. SemDeDup on train+dev: spherical k-means, then inside each cluster drop a pair whose positive has cosine
-   above `1 - eps` to an already kept one. The test split is left as it is and exported in BEIR format with
-   every passage of identical normalised text counted relevant;
-8. validate the result (suite `curated_pairs`) and publish all artifacts atomically.
+7. SemDeDup on train+dev (`components/semdedup.py`): k-means finds candidates, and a pair whose positives have
+   cosine above `1 - eps` is a near-duplicate; of each group of near-duplicates the keep rule's member stays;
+8. validate the result (suite `curated_pairs`), export the test split in BEIR format (every passage of identical
+   normalised text relevant) and publish all artifacts atomically.
+
+The work runs as steps that scale out (SemDeDup's and NeMo Curator's shape), each a function here with typed
+artifacts between them, run by every orchestrator: `prepare` (per input shard: 1-3 and the dedup key),
+`plan` (4-5 over all shards, and the embedding batches of each shard), `embed` (per shard: 6), `cluster`
+(k-means on a sample, each row's nearest clusters), `dedup` (per group of clusters: the near-duplicate pairs)
+and `merge` (7-8). `curate()` runs them all, shard steps on `workers` local processes; Kubeflow (`ParallelFor`)
+and Airflow (`.expand()`) fan them out as tasks. The result is the same at every shard and worker count:
+rows are sharded by source, exact dedup is global, the embedding batches are fixed by the plan (a vector
+depends on its batch's padding), and the near-duplicate decision does not depend on the clustering.
 """
 
 from __future__ import annotations
@@ -21,21 +30,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from components import artifacts
-from components.artifact_types import Provenance, write_beir_artifact, write_curated, write_embeddings
+from components import artifacts, semdedup
+from components.artifact_types import (
+    CLUSTERED,
+    CURATE_PLAN,
+    EMBEDDED_SHARD,
+    NEAR_DUPLICATES,
+    PREPARED_SHARD,
+    Provenance,
+    read_step,
+    write_beir_artifact,
+    write_curated,
+    write_embeddings,
+    write_step,
+)
 from components.config import ConfigError, StageConfig, params_digest
 from components.data import BeirDataset, read_pairs
-from components.faiss_device import spherical_kmeans
+from components.semdedup import KeepRule
 from components.text import normalise, text_key
 from components.validation import SPLITS, TextLimits, validate_pairs
 
@@ -43,18 +66,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "curate"
 DROP_REASONS = ("empty", "too_short", "too_long", "exact_duplicate", "semantic_duplicate")
-
-
-class KeepRule(str, Enum):
-    """Which member of a near-duplicate group survives.
-
-    SemDeDup (Abbas et al., 2023) keeps the member farthest from its cluster centroid: the least prototypical
-    example adds the most diversity.
-    """
-
-    farthest_from_centroid = "farthest_from_centroid"
-    closest_to_centroid = "closest_to_centroid"
-    first = "first"
+AUDIT_COLUMNS = ["dropped_id", "kept_id", "similarity", "reason", "group"]
 
 
 class CurateConfig(StageConfig):
@@ -68,8 +80,9 @@ class CurateConfig(StageConfig):
     embed_max_seq_length: int = Field(
         256, ge=8, le=512, description="Tokens per passage when embedding (the model's own limit).")
     embed_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto",
-        description="auto | float32 | bfloat16 (auto: bf16 where the CPU has it natively, 2x faster).")
+        "float32",
+        description="float32 | bfloat16 | auto (bf16 where native: 2x faster, but then the dedup decision depends "
+                    "on the CPU).")
     max_pairs: int | None = Field(
         None, ge=10,
         description="Subsample to at most this many pairs, whole source packages at a time; null = all.")
@@ -94,10 +107,23 @@ class CurateConfig(StageConfig):
     n_clusters: int = Field(
         100, ge=1, description="k-means clusters for SemDeDup (~100 pairs per cluster; full: 500).")
     kmeans_iterations: int = Field(20, ge=1, description="faiss k-means iterations.")
+    kmeans_sample: int | None = Field(
+        None, ge=2, description="Fit k-means on at most this many vectors (chosen by id hash); null = all.")
+    dedup_probes: int = Field(
+        3, ge=1, description="Clusters each passage is compared in (its nearest): finds near-duplicates across a "
+                             "cluster boundary.")
     keep: KeepRule = Field(
         KeepRule.farthest_from_centroid,
-        description="Which near-duplicate survives: farthest_from_centroid | closest_to_centroid | first.")
+        description="Which near-duplicate survives: farthest_from_centroid | closest_to_centroid | first (of "
+                    "its group of near-duplicates, by distance to the group's mean).")
     seed: int = Field(42, description="Split hashing, subsampling and k-means seed.")
+    shards: int = Field(
+        1, ge=1, le=4096,
+        description="Input shards (by source package) and cluster groups the steps fan out over; any count gives "
+                    "the same result.")
+    workers: int = Field(1, ge=1, description="Local processes running the shard steps (`dvc repro`, the CLI).")
+
+    execution_fields: ClassVar[frozenset[str]] = frozenset({"shards", "workers"})
 
     @model_validator(mode="after")
     def _check(self) -> CurateConfig:
@@ -172,7 +198,7 @@ def assign_splits(sources: pd.Series, fractions: dict[str, float], seed: int) ->
 
 
 def _audit_rows(ids: pd.Series, reason: str) -> list[dict[str, Any]]:
-    return [{"dropped_id": i, "kept_id": None, "similarity": None, "reason": reason, "cluster": -1} for i in ids]
+    return [{"dropped_id": i, "kept_id": None, "similarity": None, "reason": reason, "group": -1} for i in ids]
 
 
 def apply_text_rules(frame: pd.DataFrame, config: CurateConfig) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
@@ -191,72 +217,26 @@ def apply_text_rules(frame: pd.DataFrame, config: CurateConfig) -> tuple[pd.Data
     return frame[~(empty | too_short | too_long)].reset_index(drop=True), audit
 
 
+def with_dedup_keys(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add `key`: the hash of the normalised (query, positive) that exact dedup compares."""
+    return frame.assign(key=[text_key(query, positive)
+                             for query, positive in zip(frame["query"], frame["positive"], strict=True)])
+
+
 def exact_dedup(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Drop pairs whose normalised (query, positive) equals an earlier one (by id order)."""
+    """Drop pairs whose `key` equals an earlier one's (by id order), over every shard at once."""
     frame = frame.sort_values("id", kind="stable").reset_index(drop=True)
-    keys = [text_key(query, positive) for query, positive in zip(frame["query"], frame["positive"], strict=True)]
     first_id: dict[str, str] = {}
     audit = []
     keep = np.ones(len(frame), dtype=bool)
-    for position, (key, row_id) in enumerate(zip(keys, frame["id"], strict=True)):
+    for position, (key, row_id) in enumerate(zip(frame["key"], frame["id"], strict=True)):
         if key in first_id:
             keep[position] = False
-            audit.append(
-                {"dropped_id": row_id, "kept_id": first_id[key], "similarity": 1.0, "reason": "exact_duplicate",
-                 "cluster": -1}
-            )
+            audit.append({"dropped_id": row_id, "kept_id": first_id[key], "similarity": 1.0,
+                          "reason": "exact_duplicate", "group": -1})
         else:
             first_id[key] = row_id
     return frame[keep].reset_index(drop=True), audit
-
-
-@dataclass(frozen=True)
-class SemanticDedup:
-    keep: np.ndarray  # bool mask over the input rows
-    audit: list[dict[str, Any]]
-    cluster_sizes: np.ndarray
-
-
-def semantic_dedup(
-    vectors: np.ndarray, ids: list[str], *, n_clusters: int, eps: float, keep_rule: KeepRule, iterations: int, seed: int
-) -> SemanticDedup:
-    """SemDeDup: spherical k-means, then greedy near-duplicate removal inside each cluster.
-
-    Members are visited in keep-rule order; one is dropped when its cosine to any already kept member of its
-    cluster exceeds `1 - eps`, and the audit names that kept member. `vectors` must be L2-normalised.
-    Comparing with kept members only (the paper compares with every earlier member) means no pair is dropped
-    for resembling something itself dropped; the price is that the drop count need not grow monotonically
-    with eps on adversarial inputs (it does on real data: see bench/semdedup.py).
-    """
-    count = len(vectors)
-    n_clusters = min(n_clusters, count)
-    clusters = spherical_kmeans(vectors, n_clusters, iterations=iterations, seed=seed)
-    centroid_similarity, assignment = clusters.similarity, clusters.assignment
-    keep = np.ones(count, dtype=bool)
-    audit = []
-    threshold = 1.0 - eps
-    for cluster in range(n_clusters):
-        members = np.flatnonzero(assignment == cluster)
-        if len(members) < 2:
-            continue
-        if keep_rule is KeepRule.farthest_from_centroid:
-            members = members[np.argsort(centroid_similarity[members], kind="stable")]
-        elif keep_rule is KeepRule.closest_to_centroid:
-            members = members[np.argsort(-centroid_similarity[members], kind="stable")]
-        similarity = vectors[members] @ vectors[members].T
-        kept: list[int] = [0]
-        for position in range(1, len(members)):
-            row = similarity[position, kept]
-            best = int(np.argmax(row))
-            if row[best] > threshold:
-                keep[members[position]] = False
-                audit.append(
-                    {"dropped_id": ids[members[position]], "kept_id": ids[members[kept[best]]],
-                     "similarity": float(row[best]), "reason": "semantic_duplicate", "cluster": cluster}
-                )
-            else:
-                kept.append(position)
-    return SemanticDedup(keep=keep, audit=audit, cluster_sizes=np.bincount(assignment, minlength=n_clusters))
 
 
 def build_beir(test: pd.DataFrame) -> BeirDataset:
@@ -275,91 +255,285 @@ def build_beir(test: pd.DataFrame) -> BeirDataset:
     )
 
 
-def curate(config: CurateConfig, paths: CuratePaths) -> CurateResult:
-    """Run the whole curate stage; publishes the curated pairs, base embeddings and BEIR test set."""
-    from components.embed import encode, load_model, resolve_dtype
+# --- the steps: each reads and writes typed artifacts, so that any orchestrator can run it as a task ---
 
-    started = time.perf_counter()
-    limits = TextLimits(config.min_query_chars, config.min_positive_chars, config.max_positive_chars)
-    raw = read_pairs(paths.input)
-    validate_pairs(raw, suite_name="raw_pairs", source=str(paths.input))
-    input_fingerprint = artifacts.file_sha256(paths.input)
-    metrics: dict[str, float] = {"rows_in": len(raw)}
+def shard_of(sources: pd.Series, shards: int) -> np.ndarray:
+    """Each row's input shard, from a hash of its source package: a source's rows stay in one shard."""
+    return np.minimum((_unit_hash(sources, 0, "shard") * shards).astype(np.int64), shards - 1)
+
+
+def _provenance(config: CurateConfig, raw_fingerprint: str) -> Provenance:
+    return Provenance(STAGE, params_digest(config), {"raw_pairs": raw_fingerprint})
+
+
+def _audit_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=AUDIT_COLUMNS).astype({"similarity": "float64", "group": "int64"})
+
+
+def _numbered(parts: list[Any], key: str, count: int, what: str) -> list[Any]:
+    """The step artifacts in shard order, refusing a missing, repeated or foreign shard."""
+    numbers = [part.manifest.extra.get(key) for part in parts]
+    if sorted(numbers) != list(range(count)):
+        raise ConfigError(f"curate: expected {what} {key}s 0..{count - 1} (curate.shards = {count}), got "
+                          f"{sorted(numbers)}: pass every shard's output of one run, with the same shards param")
+    return [part for _, part in sorted(zip(numbers, parts, strict=True), key=lambda item: item[0])]
+
+
+def prepare_shard(config: CurateConfig, raw_path: Path, shard: int, output: Path) -> None:
+    """Step `prepare` (one per input shard): validate the shard's raw rows, subsample, normalise, apply the text
+    rules, and attach each row's split and exact-dedup key."""
+    if not 0 <= shard < config.shards:
+        raise ConfigError(f"curate: shard {shard} is outside 0..{config.shards - 1} (curate.shards)")
+    raw = read_pairs(raw_path)
+    own = shard_of(raw["source"], config.shards) == shard
+    if own.any():
+        validate_pairs(raw[own], suite_name="raw_pairs", source=f"{raw_path} (shard {shard} of {config.shards})")
     if config.max_pairs is not None and len(raw) > config.max_pairs:
         raw = subsample_by_source(raw, config.max_pairs, config.seed)
-    metrics["rows_sampled"] = len(raw)
-
-    frame, audit = apply_text_rules(raw, config)
-    for reason in DROP_REASONS[:3]:
-        metrics[f"dropped_{reason}"] = sum(row["reason"] == reason for row in audit)
-    frame, exact_audit = exact_dedup(frame)
-    audit += exact_audit
-    metrics["dropped_exact_duplicate"] = len(exact_audit)
+    sampled = raw[shard_of(raw["source"], config.shards) == shard].reset_index(drop=True)
+    frame, audit = apply_text_rules(sampled, config)
+    frame = with_dedup_keys(frame)
     frame["split"] = assign_splits(frame["source"], config.split_fractions, config.seed)
+    counts = {"rows_in": int(own.sum()), "rows_sampled": len(sampled),
+              **{f"dropped_{reason}": sum(row["reason"] == reason for row in audit) for reason in DROP_REASONS[:3]}}
+    write_step(PREPARED_SHARD, output, _provenance(config, artifacts.file_sha256(raw_path)),
+               tables={"rows": frame, "audit": _audit_frame(audit)}, counts=counts, extra={"shard": shard})
+
+
+def plan_curation(config: CurateConfig, prepared: list[Path], output: Path) -> None:
+    """Step `plan` (one): exact dedup over all shards, the trainable cap, and the embedding batches.
+
+    Batches are formed over all trainable passages, longest first as sentence-transformers orders them (ties by
+    id), and dealt round-robin to the shards: every shard count embeds each passage in the same batch."""
+    parts = _numbered([read_step(PREPARED_SHARD, path) for path in prepared], "shard", config.shards, "prepared")
+    fingerprints = {part.manifest.inputs["raw_pairs"] for part in parts}
+    if len(fingerprints) != 1:
+        raise ConfigError(f"curate: the prepared shards come from different raw inputs ({sorted(fingerprints)})")
+    counts = {key: sum(part.manifest.counts[key] for part in parts) for key in parts[0].manifest.counts}
+    frame, exact_audit = exact_dedup(pd.concat([part.table("rows") for part in parts], ignore_index=True))
+    counts["dropped_exact_duplicate"] = len(exact_audit)
     rows_before_cap = len(frame)
     if config.max_trainable_pairs is not None:
         frame = subsample_trainable(frame, config.max_trainable_pairs, config.seed)
-    metrics["rows_trainable_capped"] = rows_before_cap - len(frame)
-
+    counts["rows_trainable_capped"] = rows_before_cap - len(frame)
     trainable = (frame["split"] != "test").to_numpy()
     if not trainable.any():
         raise ConfigError("curate produced no train or dev pairs; raise curate.max_pairs or max_trainable_pairs, "
                           "or lower split_fractions.test")
-    model = load_model(config.embed_model, max_seq_length=config.embed_max_seq_length, dtype=config.embed_dtype)
-    encoded = encode(model, frame.loc[trainable, "positive"].tolist(), batch_size=config.embed_batch_size,
-                     label="passages")
-    embedded_ids = frame.loc[trainable, "id"].tolist()
-    metrics["embed_passages_per_s"] = encoded.per_second
+    if not (~trainable).any():
+        raise ConfigError("curate produced an empty test split; raise curate.max_pairs or split_fractions.test")
+    positions = np.flatnonzero(trainable)
+    by_length = positions[np.lexsort((frame["id"].to_numpy()[positions],
+                                      -frame["positive"].str.len().to_numpy()[positions]))]
+    frame["embed_batch"] = -1
+    frame.loc[by_length, "embed_batch"] = np.arange(len(by_length)) // config.embed_batch_size
+    batches = frame.loc[trainable, ["id", "positive", "embed_batch"]]
+    shard_tables = {f"embed-{shard:05d}": batches[batches["embed_batch"] % config.shards == shard]
+                    for shard in range(config.shards)}
+    audit = pd.concat([*(part.table("audit") for part in parts), _audit_frame(exact_audit)], ignore_index=True)
+    write_step(CURATE_PLAN, output, _provenance(config, fingerprints.pop()),
+               tables={"rows": frame.drop(columns="key"), "audit": audit, **shard_tables}, counts=counts)
 
-    metrics["dropped_semantic_duplicate"] = 0
-    if config.semantic_dedup and trainable.sum() >= 2:
-        dedup_started = time.perf_counter()
-        dedup = semantic_dedup(
-            encoded.vectors, embedded_ids, n_clusters=config.n_clusters,
-            eps=config.eps, keep_rule=config.keep, iterations=config.kmeans_iterations, seed=config.seed,
-        )
-        metrics["semantic_dedup_seconds"] = time.perf_counter() - dedup_started
-        keep = np.ones(len(frame), dtype=bool)
-        keep[np.flatnonzero(trainable)] = dedup.keep
-        frame = frame[keep].reset_index(drop=True)
-        audit += dedup.audit
-        metrics["dropped_semantic_duplicate"] = len(dedup.audit)
-        metrics["semantic_dedup_rate"] = len(dedup.audit) / int(trainable.sum())
-        metrics["clusters"] = len(dedup.cluster_sizes)
-        metrics["cluster_size_mean"] = float(dedup.cluster_sizes.mean())
-        metrics["cluster_size_max"] = int(dedup.cluster_sizes.max())
-        metrics["clusters_empty"] = int((dedup.cluster_sizes == 0).sum())
+
+def embed_shard(config: CurateConfig, plan: Path, shard: int, output: Path) -> None:
+    """Step `embed` (one per shard): the base model's vectors of the shard's batches, each batch as planned."""
+    from components.embed import encode_fixed_batches, load_model
+
+    planned = read_step(CURATE_PLAN, plan)
+    rows = planned.table(f"embed-{shard:05d}")
+    model = load_model(config.embed_model, max_seq_length=config.embed_max_seq_length, dtype=config.embed_dtype)
+    batches = [group["positive"].tolist() for _, group in rows.groupby("embed_batch", sort=True)]
+    ids = [row_id for _, group in rows.groupby("embed_batch", sort=True) for row_id in group["id"]]
+    encoded = encode_fixed_batches(model, batches, label=f"passages of shard {shard}")
+    write_step(EMBEDDED_SHARD, output, Provenance(STAGE, planned.manifest.params_digest, planned.manifest.inputs),
+               tables={"ids": pd.DataFrame({"id": ids}, dtype=object)}, arrays={"embeddings": encoded.vectors},
+               counts={"vectors": len(ids)}, extra={"shard": shard, "seconds": encoded.seconds})
+
+
+def cluster_embeddings(config: CurateConfig, embedded: list[Path], output: Path) -> None:
+    """Step `cluster` (one): all shards' vectors in id order, k-means on a sample, each row's nearest clusters."""
+    parts = _numbered([read_step(EMBEDDED_SHARD, path) for path in embedded], "shard", config.shards, "embedded")
+    ids = np.concatenate([part.table("ids")["id"].to_numpy(dtype=object) for part in parts])
+    vectors = np.concatenate([part.array("embeddings") for part in parts])
+    order = np.argsort(ids, kind="stable")
+    ids, vectors = ids[order].tolist(), np.ascontiguousarray(vectors[order])
+    if config.semantic_dedup and len(ids) >= 2:
+        sample = semdedup.sample_positions(ids, config.kmeans_sample, config.seed)
+        centroids = semdedup.fit_centroids(vectors[sample], config.n_clusters, iterations=config.kmeans_iterations,
+                                           seed=config.seed)
+        probed = semdedup.probe(vectors, centroids, config.dedup_probes)
+    else:
+        centroids, probed = np.empty((0, vectors.shape[1]), dtype=np.float32), np.empty((len(ids), 0), np.int64)
+    write_step(CLUSTERED, output, Provenance(STAGE, parts[0].manifest.params_digest, parts[0].manifest.inputs),
+               tables={"ids": pd.DataFrame({"id": ids}, dtype=object)},
+               arrays={"embeddings": vectors, "centroids": centroids, "probed": probed},
+               counts={"vectors": len(ids), "clusters": len(centroids)},
+               extra={"embed_seconds": sum(part.manifest.extra["seconds"] for part in parts)})
+
+
+def find_near_duplicates(config: CurateConfig, clustered: Path, group: int, output: Path) -> None:
+    """Step `dedup` (one per group of clusters): every near-duplicate pair with a member of the group's clusters."""
+    source = read_step(CLUSTERED, clustered)
+    clusters = semdedup.clusters_of_group(source.manifest.counts["clusters"], group, config.shards)
+    pairs = semdedup.near_duplicate_pairs(source.array("embeddings", mmap=True), source.array("probed"), clusters,
+                                          config.eps)
+    write_step(NEAR_DUPLICATES, output, Provenance(STAGE, source.manifest.params_digest, source.manifest.inputs),
+               tables={"pairs": pd.DataFrame(pairs)}, counts={"pairs": len(pairs)}, extra={"group": group})
+
+
+def merge_curation(config: CurateConfig, plan: Path, clustered: Path, near_duplicates: list[Path],
+                   paths: CuratePaths) -> CurateResult:
+    """Step `merge` (one): decide the near-duplicates, then validate and publish the stage's three artifacts."""
+    started = time.perf_counter()
+    planned, source = read_step(CURATE_PLAN, plan), read_step(CLUSTERED, clustered)
+    found = _numbered([read_step(NEAR_DUPLICATES, path) for path in near_duplicates], "group", config.shards,
+                      "near-duplicate")
+    frame, audit = planned.table("rows"), planned.table("audit")
+    ids, vectors = source.table("ids")["id"].tolist(), source.array("embeddings")
+    metrics: dict[str, float] = dict(planned.manifest.counts)
+    metrics["embed_passages_per_s"] = len(ids) / max(source.manifest.extra["embed_seconds"], 1e-9)
+    pairs = semdedup.merge_pairs([part.table("pairs").to_records(index=False).astype(semdedup.PAIR_DTYPE)
+                                  for part in found])
+    decision = semdedup.decide(vectors, ids, pairs, config.keep)
+    frame = frame[~frame["id"].isin({row["dropped_id"] for row in decision.audit})].reset_index(drop=True)
+    audit = pd.concat([audit, _audit_frame(decision.audit)], ignore_index=True)
+    order = np.lexsort((audit["dropped_id"].to_numpy(), audit["reason"].map(DROP_REASONS.index).to_numpy()))
+    audit = audit.iloc[order].reset_index(drop=True)
+    metrics |= {"dropped_semantic_duplicate": len(decision.audit),
+                "semantic_dedup_rate": len(decision.audit) / len(ids), "clusters": source.manifest.counts["clusters"],
+                "near_duplicate_pairs": len(pairs), "near_duplicate_groups": len(decision.group_sizes),
+                "near_duplicate_group_max": int(decision.group_sizes.max(initial=0))}
     for split in SPLITS:
         metrics[f"rows_{split}"] = int((frame["split"] == split).sum())
     metrics["rows_out"] = len(frame)
     metrics["dropped_total"] = metrics["rows_sampled"] - metrics["rows_trainable_capped"] - metrics["rows_out"]
-    if metrics["rows_test"] == 0:
-        raise ConfigError("curate produced an empty test split; raise curate.max_pairs or split_fractions.test")
-    validate_pairs(frame, suite_name="curated_pairs", source=f"curated output of {paths.input}", limits=limits)
+    limits = TextLimits(config.min_query_chars, config.min_positive_chars, config.max_positive_chars)
+    validate_pairs(frame.drop(columns="embed_batch"), suite_name="curated_pairs",
+                   source=f"curated output of {paths.input}", limits=limits)
 
-    audit_frame = pd.DataFrame(audit, columns=["dropped_id", "kept_id", "similarity", "reason", "cluster"])
-    provenance = Provenance(STAGE, params_digest(config), {"raw_pairs": input_fingerprint})
-    write_embeddings(paths.embeddings, encoded.vectors, embedded_ids, provenance, extra={
+    from components.embed import resolve_dtype
+
+    provenance = Provenance(STAGE, planned.manifest.params_digest, planned.manifest.inputs)
+    write_embeddings(paths.embeddings, vectors, ids, provenance, extra={
         "model": config.embed_model, "max_seq_length": config.embed_max_seq_length,
         "dtype": resolve_dtype(config.embed_dtype), "text": "positive", "normalized": True})
-    write_curated(paths.output, frame, audit_frame, provenance, SPLITS)
+    write_curated(paths.output, frame.drop(columns="embed_batch"), audit, provenance, SPLITS)
     beir = build_beir(frame[frame["split"] == "test"])
     write_beir_artifact(paths.beir, beir, provenance)
     metrics["test_qrels_per_query"] = sum(len(docs) for docs in beir.qrels.values()) / len(beir.qrels)
+    metrics["merge_seconds"] = time.perf_counter() - started
+    audit_sample = audit.groupby("reason", group_keys=False).head(20).to_dict(orient="records")
+    return CurateResult(metrics=metrics, audit_sample=audit_sample, data_fingerprint=provenance.inputs["raw_pairs"])
+
+
+# --- all steps in one run: shard steps on local worker processes ---
+
+def _limit_threads(threads: int) -> None:
+    """A worker's share of the CPU: without it every process would start a thread per core."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _fan_out(step: Any, calls: list[tuple[Any, ...]], workers: int) -> None:
+    """Run one step per shard: in this process with one worker, else on `workers` spawned processes (fork is
+    unsafe once torch has started threads)."""
+    if workers == 1 or len(calls) == 1:
+        for call in calls:
+            step(*call)
+        return
+    import multiprocessing
+
+    processes = min(workers, len(calls))
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_limit_threads,
+                             initargs=(max(1, (os.cpu_count() or 1) // processes),)) as pool:
+        for future in [pool.submit(step, *call) for call in calls]:
+            future.result()
+
+
+def curate(config: CurateConfig, paths: CuratePaths) -> CurateResult:
+    """Run the whole curate stage, every step, the shard steps on `config.workers` processes; publishes the
+    curated pairs, base embeddings and BEIR test set. The step artifacts live in a scratch folder."""
+    started = time.perf_counter()
+    shards = range(config.shards)
+    with tempfile.TemporaryDirectory(prefix="embedforge-curate-") as scratch:
+        work = Path(scratch)
+        prepared = [work / "prepared" / f"{shard:05d}" for shard in shards]
+        embedded = [work / "embedded" / f"{shard:05d}" for shard in shards]
+        found = [work / "near-duplicates" / f"{group:05d}" for group in shards]
+        _fan_out(prepare_shard, [(config, paths.input, shard, prepared[shard]) for shard in shards], config.workers)
+        plan_curation(config, prepared, work / "plan")
+        _fan_out(embed_shard, [(config, work / "plan", shard, embedded[shard]) for shard in shards], config.workers)
+        cluster_embeddings(config, embedded, work / "clustered")
+        _fan_out(find_near_duplicates, [(config, work / "clustered", group, found[group]) for group in shards],
+                 config.workers)
+        result = merge_curation(config, work / "plan", work / "clustered", found, paths)
+    metrics = result.metrics
     metrics["seconds"] = time.perf_counter() - started
-    audit_sample = audit_frame.groupby("reason", group_keys=False).head(20).to_dict(orient="records")
     log.info(
         "curate: %d rows in, %d out (train %d, dev %d, test %d); dropped empty %d, short %d, long %d, "
-        "exact %d, semantic %d in %.0fs",
+        "exact %d, semantic %d in %.0fs (%d shards, %d workers)",
         metrics["rows_in"], metrics["rows_out"], metrics["rows_train"], metrics["rows_dev"], metrics["rows_test"],
         metrics["dropped_empty"], metrics["dropped_too_short"], metrics["dropped_too_long"],
         metrics["dropped_exact_duplicate"], metrics["dropped_semantic_duplicate"], metrics["seconds"],
+        config.shards, config.workers,
     )
-    return CurateResult(metrics=metrics, audit_sample=audit_sample, data_fingerprint=input_fingerprint)
+    return result
+
+
+SHARD_STEPS = ("prepare", "plan", "embed", "cluster", "dedup")  # then `merge`: the stage CLI with --plan
+
+
+def step_main(argv: list[str]) -> None:
+    """CLI of one shard step, as an orchestrator's task runs it: `embedforge curate step <step> ... --out DIR`."""
+    import argparse
+
+    from components.cli import configure_logging, file_in, prepare_stage
+    from components.config import load_stage_config, parse_overrides
+
+    parser = argparse.ArgumentParser(prog="embedforge curate step", description=__doc__.split("\n\n")[2])
+    parser.add_argument("step", choices=SHARD_STEPS)
+    parser.add_argument("--shard", type=int, help="prepare, embed: the shard; dedup: the cluster group")
+    parser.add_argument("--input", type=file_in, help="prepare: the raw pairs (path or s3:// URI)")
+    parser.add_argument("--prepared", type=Path, nargs="+", help="plan: every prepare output")
+    parser.add_argument("--plan", type=Path, help="embed: the plan output")
+    parser.add_argument("--embedded", type=Path, nargs="+", help="cluster: every embed output")
+    parser.add_argument("--clustered", type=Path, help="dedup: the cluster output")
+    parser.add_argument("--out", type=Path, required=True, help="the step's output artifact directory")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    needs = {"prepare": ("shard", "input"), "plan": ("prepared",), "embed": ("shard", "plan"),
+             "cluster": ("embedded",), "dedup": ("shard", "clustered")}[args.step]
+    missing = [f"--{name}" for name in needs if getattr(args, name) is None]
+    if missing:
+        parser.error(f"step {args.step} needs {' '.join(missing)}")
+    configure_logging(args.verbose)
+    config = load_stage_config(CurateConfig, STAGE, args.params, args.profile, parse_overrides(args.overrides))
+    args.no_tracking = True  # a step's numbers reach MLflow through the merge, the stage's own run
+    prepare_stage(args)
+    if args.step == "prepare":
+        prepare_shard(config, args.input, args.shard, args.out)
+    elif args.step == "plan":
+        plan_curation(config, args.prepared, args.out)
+    elif args.step == "embed":
+        embed_shard(config, args.plan, args.shard, args.out)
+    elif args.step == "cluster":
+        cluster_embeddings(config, args.embedded, args.out)
+    else:
+        find_near_duplicates(config, args.clustered, args.shard, args.out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: `python -m components.curate` / `embedforge curate`."""
+    """CLI: `embedforge curate` (every step), `embedforge curate --plan P --clustered C --near-duplicates D...`
+    (the merge of steps run elsewhere) or `embedforge curate step <step> ...` (one shard step)."""
+    import sys
+
     from components.cli import (
         StageOutcome,
         parse_stage_args,
@@ -368,12 +542,26 @@ def main(argv: list[str] | None = None) -> None:
         write_text_atomic,
     )
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["step"]:
+        step_main(argv[1:])
+        return
     parser = stage_parser(STAGE, CurateConfig)
+    merge = parser.add_argument_group("merge the outputs of shard steps run elsewhere (instead of running them)")
+    merge.add_argument("--plan", type=Path, help="the plan step's output")
+    merge.add_argument("--clustered", type=Path, help="the cluster step's output")
+    merge.add_argument("--near-duplicates", type=Path, nargs="+", help="every dedup step's output")
     args, config = parse_stage_args(parser, argv, CurateConfig, STAGE)
+    steps = (args.plan, args.clustered, args.near_duplicates)
+    if any(steps) and not all(steps):
+        parser.error("merging needs all of --plan, --clustered and --near-duplicates")
     paths = CuratePaths(input=args.input, output=args.output, embeddings=args.embeddings, beir=args.beir)
 
     def work() -> StageOutcome:
-        result = curate(config, paths)
+        if args.plan:
+            result = merge_curation(config, args.plan, args.clustered, args.near_duplicates, paths)
+        else:
+            result = curate(config, paths)
         drops = [(reason, result.metrics[f"dropped_{reason}"]) for reason in DROP_REASONS]
         write_text_atomic(args.plot, "reason,count\n" + "".join(f"{reason},{count:.0f}\n" for reason, count in drops))
         return StageOutcome(

@@ -125,6 +125,24 @@ def encode(model: SentenceTransformer, texts: list[str], *, batch_size: int, lab
     return result
 
 
+def encode_fixed_batches(model: SentenceTransformer, batches: list[list[str]], *, label: str) -> Encoded:
+    """Encode batch by batch as given: a text's vector depends on its batch (padding changes float summation
+    order, ~1e-7), so fixing the batches makes the vectors bit-identical however the batches are spread over
+    processes or machines of one kind."""
+    started = time.perf_counter()
+    dim = model.get_embedding_dimension()
+    parts = []
+    for number, batch in enumerate(batches, start=1):
+        parts.append(np.asarray(model.encode(batch, batch_size=len(batch), convert_to_numpy=True,
+                                             normalize_embeddings=True, show_progress_bar=False), dtype=np.float32))
+        if number % 100 == 0:
+            log.info("%s: %d of %d batches in %.0fs", label, number, len(batches), time.perf_counter() - started)
+    vectors = np.concatenate(parts) if parts else np.empty((0, dim), dtype=np.float32)
+    result = Encoded(vectors=vectors, seconds=time.perf_counter() - started)
+    log.info("encoded %d %s in %.1fs (%.0f texts/s)", len(vectors), label, result.seconds, result.per_second)
+    return result
+
+
 def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
     """First `dim` components, re-normalised to unit length (a Matryoshka prefix is not unit length by itself)."""
     prefix = np.ascontiguousarray(vectors[:, :dim])

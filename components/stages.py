@@ -16,6 +16,7 @@ import importlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from components.artifact_types import (
@@ -229,11 +230,56 @@ def command_line(stage: str, locations: Mapping[str, str], *, params: str, profi
     for port in row.ports:
         if port.artifact in locations:
             argv += [port.flag, str(locations[port.artifact])]
-    argv += ["--params", params]
-    if profile:
-        argv += ["--profile", profile]
-    for knob, key in row.knobs.items():
-        value = knob_value(knobs.get(knob))
-        if value is not None:
-            argv += ["--set", f"{key}={value}"]
+    return argv + _common_flags(stage, params=params, profile=profile, knobs=knobs)
+
+
+def _common_flags(stage: str, *, params: str, profile: str | None, knobs: Mapping[str, Any]) -> list[str]:
+    """`--params .. [--profile ..] [--set key=value ...]`: the stage's own knobs among `knobs`."""
+    argv = ["--params", params, *(["--profile", profile] if profile else [])]
+    for override in knob_overrides(stage, knobs):
+        argv += ["--set", override]
     return argv
+
+
+def knob_overrides(stage: str, knobs: Mapping[str, Any]) -> list[str]:
+    """`key=value` for each of the stage's knobs given a value (None and "" keep the profile's)."""
+    return [f"{key}={value}" for knob, key in STAGES[stage].knobs.items()
+            if (value := knob_value(knobs.get(knob))) is not None]
+
+
+# curate fans out: its shard steps (components/curate.py), in order, with what each reads ("raw" is the raw
+# pairs; a list input takes every shard's output of that step) and whether it runs once per shard.
+CURATE_STEPS: dict[str, tuple[str, bool]] = {
+    "prepare": ("raw", True), "plan": ("prepare", False), "embed": ("plan", True),
+    "cluster": ("embed", False), "dedup": ("cluster", True),
+}
+STEP_INPUT_FLAG = {"raw": "--input", "prepare": "--prepared", "plan": "--plan", "embed": "--embedded",
+                   "cluster": "--clustered"}
+STEP_OUTPUT = {"prepare": "prepared", "plan": "plan", "embed": "embedded", "cluster": "clustered",
+               "dedup": "near_duplicates"}  # each step's output artifact, named as the merge flags name them
+
+
+def step_command_line(step: str, shard: int | None, inputs: list[str], output: str, *, params: str,
+                      profile: str | None, knobs: Mapping[str, Any]) -> list[str]:
+    """`curate step <step> [--shard N] --<input> PATH... --out PATH --params .. [--profile ..] [--set ..]`: one
+    curate shard step as every orchestrator's task runs it; `inputs` are every path of the step's input (one,
+    or each shard's output of a fanned-out step). Each step takes curate's knobs, so all see one config."""
+    source, _ = CURATE_STEPS[step]
+    return ["curate", "step", step, *(["--shard", str(shard)] if shard is not None else []),
+            STEP_INPUT_FLAG[source], *inputs, "--out", output,
+            *_common_flags("curate", params=params, profile=profile, knobs=knobs)]
+
+
+def merge_flags(plan: str, clustered: str, near_duplicates: list[str]) -> list[str]:
+    """The flags that make `embedforge curate` merge shard steps run elsewhere instead of running them."""
+    return ["--plan", plan, "--clustered", clustered, "--near-duplicates", *near_duplicates]
+
+
+def curate_shards(params: Path, profile: str | None, knobs: Mapping[str, Any]) -> list[int]:
+    """0 .. curate.shards-1 for a run's params file, profile and knobs: the width curate's steps fan out to."""
+    from components.config import load_stage_config, parse_overrides
+
+    curate = STAGES["curate"]
+    config = load_stage_config(curate.config_class, "curate", params, profile or None,
+                               parse_overrides(knob_overrides("curate", knobs)))
+    return list(range(config.shards))

@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -38,7 +39,19 @@ from pydantic import Field
 from components.cli import EXIT_TEMPFAIL, EXIT_USAGE
 from components.cluster import ClusterSettings, cluster_settings
 from components.config import StageConfig, build_config, load_params, load_stage_config
-from components.stages import IMAGES, KNOBS, PIPELINE_INPUTS, STAGES, Stage, command_line
+from components.stages import (
+    CURATE_STEPS,
+    IMAGES,
+    KNOBS,
+    PIPELINE_INPUTS,
+    STAGES,
+    STEP_OUTPUT,
+    Stage,
+    command_line,
+    curate_shards,
+    merge_flags,
+    step_command_line,
+)
 from components.tracking import PIPELINE_RUN_ENV, find_pipeline_run, tracking_uri
 
 log = logging.getLogger("embedforge.airflow")
@@ -99,8 +112,31 @@ def plan_run(params: dict[str, Any], run_id: str, mode: str) -> dict[str, Any]:
         port.artifact: f"{run_dir}/{port.path}" for stage in STAGES.values() for port in stage.outputs}
     argv = {name: command_line(name, artifacts, params=PARAMS_FILE, profile=params["profile"], knobs=params)
             for name in STAGES}
+    steps, made = curate_steps(params, run_dir)
+    argv["curate"] += merge_flags(made["plan"][0], made["cluster"][0], made["dedup"])
     return {"mode": mode, "run_dir": run_dir, "pipeline_run": f"{DAG_ID}/{run_id}", "artifacts": artifacts,
-            "argv": argv}
+            "argv": argv, "steps": steps, "shards": list(range(len(made["dedup"])))}
+
+
+def curate_steps(params: dict[str, Any], run_dir: str) -> tuple[dict[str, list[list[str]]], dict[str, list[str]]]:
+    """The argv of each curate shard step, one per shard where it fans out (`.expand()` maps over them), and
+    the paths each step writes under `<run>/curate_steps/`. The shard count is the run's curate.shards."""
+    shards = len(curate_shards(PROJECT / PARAMS_FILE, params["profile"], params))
+    steps: dict[str, list[list[str]]] = {}
+    made: dict[str, list[str]] = {}
+    for step, (source, per_shard) in CURATE_STEPS.items():
+        inputs = [params["raw_pairs"]] if source == "raw" else made[source]
+        numbers: list[int | None] = list(range(shards)) if per_shard else [None]
+        made[step] = [f"{run_dir}/curate_steps/{STEP_OUTPUT[step]}" + ("" if shard is None else f"/{shard:05d}")
+                      for shard in numbers]
+        steps[step] = [step_command_line(step, shard, inputs, out, params=PARAMS_FILE, profile=params["profile"],
+                                         knobs=params) for shard, out in zip(numbers, made[step], strict=True)]
+    return steps, made
+
+
+def task_argv(layout: dict[str, Any], stage: str, step: str | None, shard: int | None) -> list[str]:
+    """The argv of a stage's task, or of one curate step's (mapped) task."""
+    return layout["argv"][stage] if step is None else layout["steps"][step][shard or 0]
 
 
 def stage_environment(pipeline_run: str) -> dict[str, str]:
@@ -141,6 +177,11 @@ def run_stage_subprocess(argv: list[str], pipeline_run: str) -> None:
         stage_failed(argv[0], process.returncode)
 
 
+def bind_mount(path: Path) -> Mount:
+    """A host path mounted at the same path in the container."""
+    return Mount(target=str(path), source=str(path), type="bind")
+
+
 class StageContainer(DockerOperator):
     """A stage in a container on the worker's Docker API (`DOCKER_HOST`: Docker, or podman's socket), on the
     project image, with the project checkout (params, raw data, this run's directory, a local MLflow store)
@@ -149,37 +190,43 @@ class StageContainer(DockerOperator):
     S3) are reachable. The argv and environment come from `plan`'s XCom, as in `StagePod`.
     """
 
-    def __init__(self, *, stage: Stage, **kwargs: Any) -> None:
+    def __init__(self, *, stage: Stage, step: str | None = None, shard: int | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("task_id", stage.name)
         super().__init__(
-            task_id=stage.name,
             image=SETTINGS.cuda_image if stage.gpu else SETTINGS.cpu_image,
-            mounts=[Mount(target=str(PROJECT), source=str(PROJECT), type="bind")],
+            mounts=[bind_mount(PROJECT)],
             working_dir=str(PROJECT),
             user=f"{os.getuid()}:{os.getgid()}",
             network_mode="host",
             mount_tmp_dir=False,
-            auto_remove="success",
+            auto_remove="never",  # removed in `execute` once its exit code is read ("success" removes it first)
             **kwargs,
         )
-        self.stage = stage.name
+        self.stage, self.step, self.shard = stage.name, step, shard
 
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)
+        self.take_plan(context)
+
+    def take_plan(self, context: Any) -> None:
+        """This task's argv, environment and mounts from `plan`'s XCom: when its templates are rendered (the UI
+        shows them), and again in `execute`, since Airflow renders a mapped task without this class's override."""
         layout = context["ti"].xcom_pull(task_ids="plan")
-        self.command = layout["argv"][self.stage]
+        self.command = task_argv(layout, self.stage, self.step, self.shard)
         self.environment = stage_environment(layout["pipeline_run"])
         outside = [Path(layout["run_dir"])] if not Path(layout["run_dir"]).is_relative_to(PROJECT) else []
-        self.mounts = [*self.mounts, *(Mount(target=str(path), source=str(path), type="bind") for path in outside)]
+        self.mounts = [bind_mount(path) for path in (PROJECT, *outside)]
 
-    def execute(self, context: Any) -> dict[str, float]:
+    def execute(self, context: Any) -> dict[str, float] | None:
+        self.take_plan(context)
         try:
             super().execute(context)
         except DockerContainerFailedException:
-            container = self.container["Id"]  # kept on failure (auto_remove="success"): read its exit code
-            code = self.cli.inspect_container(container)["State"]["ExitCode"]
-            self.cli.remove_container(container)
-            stage_failed(self.stage, code)
-        return stage_metrics(self.stage, context["ti"].xcom_pull(task_ids="plan"))
+            stage_failed(self.task_id, self.cli.inspect_container(self.container["Id"])["State"]["ExitCode"])
+        finally:
+            if self.container is not None:
+                self.cli.remove_container(self.container["Id"])
+        return None if self.step else stage_metrics(self.stage, context["ti"].xcom_pull(task_ids="plan"))
 
 
 class StagePod(KubernetesPodOperator):
@@ -189,11 +236,12 @@ class StagePod(KubernetesPodOperator):
     templates are rendered (it then shows in the UI's rendered-template view) rather than templated element-wise.
     """
 
-    def __init__(self, *, stage: Stage, cluster: ClusterSettings = CLUSTER, **kwargs: Any) -> None:
+    def __init__(self, *, stage: Stage, step: str | None = None, shard: int | None = None,
+                 cluster: ClusterSettings = CLUSTER, **kwargs: Any) -> None:
         gpu, pod = stage.gpu, cluster.pod(stage.gpu)
+        kwargs.setdefault("task_id", stage.name)
         super().__init__(
-            task_id=stage.name,
-            name=f"embedforge-{stage.name}",
+            name=f"embedforge-{stage.name}" + (f"-{step}" if step else ""),
             namespace=SETTINGS.namespace,
             image=SETTINGS.cuda_image if gpu else SETTINGS.cpu_image,
             cmds=["embedforge"],
@@ -220,7 +268,7 @@ class StagePod(KubernetesPodOperator):
             on_finish_action="delete_succeeded_pod",
             **kwargs,
         )
-        self.stage = stage.name
+        self.stage, self.step, self.shard = stage.name, step, shard
 
     def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod) -> None:
         """The provider reports any failed pod as one retryable error: read the stage container's exit code
@@ -232,14 +280,22 @@ class StagePod(KubernetesPodOperator):
             stage = next((status for status in statuses if status.name == self.base_container_name), None)
             terminated = stage.state.terminated if stage and stage.state else None
             if terminated and terminated.exit_code:
-                stage_failed(self.stage, terminated.exit_code)
+                stage_failed(self.task_id, terminated.exit_code)
             raise
 
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)
+        self.take_plan(context)
+
+    def take_plan(self, context: Any) -> None:
+        """This task's argv and run key from `plan`'s XCom (see `StageContainer.take_plan`)."""
         layout = context["ti"].xcom_pull(task_ids="plan")
-        self.arguments = layout["argv"][self.stage]
+        self.arguments = task_argv(layout, self.stage, self.step, self.shard)
         self.env_vars = [k8s.V1EnvVar(name=PIPELINE_RUN_ENV, value=layout["pipeline_run"])]
+
+    def execute(self, context: Any) -> Any:
+        self.take_plan(context)
+        return super().execute(context)
 
 
 def knob_param(knob: str) -> Param:
@@ -303,13 +359,27 @@ def embedforge_retrain() -> None:
 
     @task.branch
     def choose_mode(layout: dict[str, Any]) -> str:
-        return f"{layout['mode']}.{next(iter(STAGES))}"
+        return f"{layout['mode']}.curate_{next(iter(CURATE_STEPS))}"
 
     @task
     def run_locally(stage: str, layout: dict[str, Any]) -> dict[str, float]:
         """One stage in a subprocess; its metrics become the task's XCom."""
         run_stage_subprocess(layout["argv"][stage], layout["pipeline_run"])
         return stage_metrics(stage, layout)
+
+    @task
+    def run_step_locally(step: str, layout: dict[str, Any], shard: int | None = None) -> None:
+        """One curate shard step in a subprocess."""
+        run_stage_subprocess(task_argv(layout, "curate", step, shard), layout["pipeline_run"])
+
+    @task
+    def curate_shards(layout: dict[str, Any]) -> list[int]:
+        """The shard numbers the curate steps fan out over (`.expand()`): the run's curate.shards."""
+        return layout["shards"]
+
+    def fanned_out(make: Callable[[str, int | None], Any], shards: Any) -> list[Any]:
+        """Each curate step's task, mapped over the shards where it runs per shard, then each stage's task."""
+        return [make(step, shards if per_shard else None) for step, (_, per_shard) in CURATE_STEPS.items()]
 
     @task(trigger_rule="none_failed_min_one_success", outlets=[STUDENT_MODEL])
     def publish(layout: dict[str, Any]) -> dict[str, Any]:
@@ -328,14 +398,28 @@ def embedforge_retrain() -> None:
         get_current_context()["outlet_events"][STUDENT_MODEL].extra = summary
         return summary
 
+    def local_step(step: str, shards: Any) -> Any:
+        task = run_step_locally.override(task_id=f"curate_{step}")
+        return task(step, layout) if shards is None else task.partial(step=step, layout=layout).expand(shard=shards)
+
+    def operator_step(operator: type[StageContainer | StagePod]) -> Callable[[str, Any], Any]:
+        def make(step: str, shards: Any) -> Any:
+            settings = {"task_id": f"curate_{step}", "stage": STAGES["curate"], "step": step}
+            return operator(**settings) if shards is None else operator.partial(**settings).expand(shard=shards)
+        return make
+
     layout = plan()
+    shards = curate_shards(layout)
     branch = choose_mode(layout)
     with TaskGroup("local") as local:
-        chain(*[run_locally.override(task_id=stage)(stage, layout) for stage in STAGES])
+        chain(*fanned_out(local_step, shards), *[run_locally.override(task_id=stage)(stage, layout)
+                                                 for stage in STAGES])
     with TaskGroup("docker") as docker:
-        chain(*[StageContainer(stage=stage) for stage in STAGES.values()])
+        chain(*fanned_out(operator_step(StageContainer), shards), *[StageContainer(stage=stage)
+                                                                   for stage in STAGES.values()])
     with TaskGroup("kubernetes") as kubernetes:
-        chain(*[StagePod(stage=stage) for stage in STAGES.values()])
+        chain(*fanned_out(operator_step(StagePod), shards), *[StagePod(stage=stage) for stage in STAGES.values()])
+    shards >> branch
     branch >> [local, docker, kubernetes] >> publish(layout)
 
 

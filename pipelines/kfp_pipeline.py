@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, List  # noqa: UP035 - KFP reads `List[...]` in rendered component signatures
 
 from kfp import compiler, dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
@@ -30,7 +30,17 @@ from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 from components.artifact_types import MODEL
 from components.cluster import RUN_ID_LABEL, ClusterSettings, cluster_settings
 from components.config import load_params
-from components.stages import IMAGES, KNOBS, PIPELINE_INPUTS, STAGES, Port, Stage, produced_by
+from components.stages import (
+    CURATE_STEPS,
+    IMAGES,
+    KNOBS,
+    PIPELINE_INPUTS,
+    STAGES,
+    STEP_OUTPUT,
+    Port,
+    Stage,
+    produced_by,
+)
 from components.tracking import PIPELINE_RUN_ENV, tracking_uri
 from pipelines.stage_runner import MARKDOWN_VIEWS, parameter_name
 
@@ -47,26 +57,51 @@ def kfp_type(port: Port, direction: str) -> str | None:
     return f"{direction}[{'Model' if port.kind == MODEL else 'Dataset'}]"
 
 
+def _function(name: str, signature: list[str], doc: str, body: str) -> str:
+    return f"def {name}({', '.join(signature)}):\n    {doc!r}\n    from pipelines.stage_runner import {body}\n"
+
+
+# the curate merge also takes what its fanned-out steps made (see `curate_fan_out`)
+MERGE_INPUTS = ["plan: Input[Dataset]", "clustered: Input[Dataset]", "near_duplicates: Input[List[Dataset]]"]
+
+
 def component_source(stage: Stage) -> str:
     """The component's Python source: its typed signature from the table row, and a body that runs the stage."""
     inputs = [f"{parameter_name(port)}: {kfp_type(port, 'Input')}" for port in stage.inputs]
+    inputs += MERGE_INPUTS if stage.name == "curate" else []
     strings = [f"{name}: str" for name in (*stage.knobs, *COMMON)]
     outputs = [f"{parameter_name(port)}: {kfp_type(port, 'Output')}" for port in stage.outputs
                if kfp_type(port, "Output")]
-    return (f"def {stage.name}({', '.join(inputs + strings + outputs)}):\n"
-            f"    {stage.summary!r}\n"
-            f"    from pipelines.stage_runner import run\n\n"
-            f"    run({stage.name!r}, locals())\n")
+    return _function(stage.name, inputs + strings + outputs, stage.summary,
+                     f"run\n\n    run({stage.name!r}, locals())")
 
 
-def make_component(stage: Stage, base_image: str) -> dsl.base_component.BaseComponent:
-    source = component_source(stage)
-    filename = f"<embedforge kfp component {stage.name}>"
+def step_source(step: str) -> str:
+    """A curate shard step's component: its shard (per-shard steps), its input (a list where the input step
+    fanned out), curate's knobs and its one output."""
+    source, per_shard = CURATE_STEPS[step]
+    inputs = ["shard: int"] if per_shard else []
+    if source == "raw":
+        inputs.append("raw_pairs: str")
+    else:
+        inputs.append(f"{STEP_OUTPUT[source]}: Input[{'List[Dataset]' if CURATE_STEPS[source][1] else 'Dataset'}]")
+    strings = [f"{name}: str" for name in (*STAGES["curate"].knobs, *COMMON)]
+    return _function(f"curate_{step}", [*inputs, *strings, f"{STEP_OUTPUT[step]}: Output[Dataset]"],
+                     f"curate step {step}", f"run_step\n\n    run_step({step!r}, locals())")
+
+
+SHARDS_SOURCE = _function("curate_shards", [f"{name}: str" for name in (*STAGES["curate"].knobs, *COMMON)],
+                          "the shard numbers curate fans out over (curate.shards)",
+                          "shard_numbers\n\n    return shard_numbers(locals())").replace("):", ") -> List[int]:", 1)
+
+
+def make_component(name: str, source: str, base_image: str) -> dsl.base_component.BaseComponent:
+    filename = f"<embedforge kfp component {name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)  # for getsource
     namespace = {"__name__": __name__, "Input": Input, "Output": Output, "Dataset": Dataset, "Model": Model,
-                 "Metrics": Metrics, "Markdown": Markdown}
+                 "Metrics": Metrics, "Markdown": Markdown, "List": List}
     exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - source rendered from the stage table
-    return dsl.component(namespace[stage.name], base_image=base_image, install_kfp_package=False)
+    return dsl.component(namespace[name], base_image=base_image, install_kfp_package=False)
 
 
 PARAMETERS = {**{artifact: port.path for artifact, port in PIPELINE_INPUTS.items()},
@@ -105,8 +140,30 @@ def on_cluster(task: dsl.PipelineTask, stage: Stage, cluster: ClusterSettings) -
 def build_pipeline(images: Mapping[str, str] = IMAGES, cluster: ClusterSettings | None = None) -> Callable[..., Any]:
     """The pipeline with each stage's component on `images[kind]` (the table's images by default; a local run
     may put the GPU stages on the CPU image) and, for a cluster, each task's pod settings (`on_cluster`)."""
-    components = {name: make_component(stage, images["cuda" if stage.gpu else "cpu"])
+    components = {name: make_component(name, component_source(stage), images["cuda" if stage.gpu else "cpu"])
                   for name, stage in STAGES.items()}
+    steps = {step: make_component(f"curate_{step}", step_source(step), images["cpu"]) for step in CURATE_STEPS}
+    shard_numbers = make_component("curate_shards", SHARDS_SOURCE, images["cpu"])
+    curate = STAGES["curate"]
+
+    def placed(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        return task if cluster is None else on_cluster(task, curate, cluster)
+
+    def curate_fan_out(arguments: dict[str, str]) -> dict[str, Any]:
+        """curate's shard steps: `ParallelFor` over the shards for the per-shard steps, `dsl.Collected` into the
+        steps that take every shard's output; returns the merge's extra inputs."""
+        common = {name: arguments[name] for name in (*curate.knobs, *COMMON)}
+        shards = placed(shard_numbers(**common)).output
+        made: dict[str, Any] = {}
+        for step, (source, per_shard) in CURATE_STEPS.items():
+            inputs = {"raw_pairs": arguments["raw_pairs"]} if source == "raw" else {STEP_OUTPUT[source]: made[source]}
+            if per_shard:
+                with dsl.ParallelFor(shards) as shard:
+                    task = placed(steps[step](shard=shard, **inputs, **common))
+                made[step] = dsl.Collected(task.outputs[STEP_OUTPUT[step]])
+            else:
+                made[step] = placed(steps[step](**inputs, **common)).outputs[STEP_OUTPUT[step]]
+        return {"plan": made["plan"], "clustered": made["cluster"], "near_duplicates": made["dedup"]}
 
     def _wire(*values: str) -> None:
         """Each stage's task on its inputs: pipeline inputs from the parameters, artifacts from their producer."""
@@ -114,6 +171,8 @@ def build_pipeline(images: Mapping[str, str] = IMAGES, cluster: ClusterSettings 
         tasks: dict[str, dsl.PipelineTask] = {}
         for name, stage in STAGES.items():
             wired = {parameter: arguments[parameter] for parameter in (*stage.knobs, *COMMON)}
+            if name == "curate":
+                wired |= curate_fan_out(arguments)
             for port in stage.inputs:
                 producer = produced_by(port.artifact)
                 wired[parameter_name(port)] = (arguments[port.artifact] if producer is None else

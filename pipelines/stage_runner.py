@@ -18,7 +18,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from components.stages import STAGES, Port, command_line
+from components.stages import (
+    CURATE_STEPS,
+    STAGES,
+    STEP_OUTPUT,
+    Port,
+    command_line,
+    curate_shards,
+    merge_flags,
+    step_command_line,
+)
 
 log = logging.getLogger("embedforge")
 
@@ -59,6 +68,34 @@ def markdown_view(path: Path) -> str:
     return "\n\n".join(f"### {file.stem}\n\n{views[file.suffix](file)}" for file in files if file.suffix in views)
 
 
+def _run_cli(what: str, argv: list[str]) -> None:
+    """`embedforge <argv>` in this process; a failure exits with the stage's own code (see `run`)."""
+    from components.cli import guarded
+
+    code = guarded(importlib.import_module(STAGES[argv[0]].module).main)(argv[1:])
+    if code != 0:
+        log.error("embedforge %s failed (exit %d); its error is in the log above", what, code)
+        raise SystemExit(code)
+
+
+def run_step(step: str, values: dict[str, Any]) -> None:
+    """One curate shard step on the component's arguments: `embedforge curate step <step> ...`."""
+    source, _ = CURATE_STEPS[step]
+    given = values["raw_pairs"] if source == "raw" else values[STEP_OUTPUT[source]]
+    inputs = [given] if isinstance(given, str) else [item.path for item in (given if isinstance(given, list)
+                                                                             else [given])]
+    argv = step_command_line(step, values.get("shard"), inputs, values[STEP_OUTPUT[step]].path,
+                             params=values["params"], profile=values["profile"],
+                             knobs={knob: values[knob] for knob in STAGES["curate"].knobs})
+    _run_cli(f"curate step {step}", argv)
+
+
+def shard_numbers(values: dict[str, Any]) -> list[int]:
+    """The shards curate's steps fan out over, for the params file, profile and knobs the curate tasks get."""
+    return curate_shards(Path(values["params"]), values["profile"],
+                         {knob: values[knob] for knob in STAGES["curate"].knobs})
+
+
 def run(stage: str, values: dict[str, Any]) -> dict[str, float]:
     """`embedforge <stage>` on the component's arguments (`locals()` of its body: artifacts, knobs, params,
     profile); empty knobs keep params.yaml's values. The run's MLflow parent key comes from the environment
@@ -72,8 +109,6 @@ def run(stage: str, values: dict[str, Any]) -> dict[str, float]:
     launcher, which wraps the process, reports any failure as its own exit 1. The stage has already logged why;
     a bug's traceback propagates (exit 1).
     """
-    from components.cli import guarded
-
     row = STAGES[stage]
     scratch = Path(tempfile.mkdtemp(prefix=f"embedforge-{stage}-"))
     metrics_file = scratch / "metrics.json"
@@ -91,10 +126,10 @@ def run(stage: str, values: dict[str, Any]) -> dict[str, float]:
             locations[port.artifact] = f"{beside}.{Path(port.path).name}"
     argv = command_line(stage, locations, params=values["params"], profile=values["profile"],
                         knobs={knob: values[knob] for knob in row.knobs})
-    code = guarded(importlib.import_module(row.module).main)(argv[1:])
-    if code != 0:
-        log.error("embedforge %s failed (exit %d); its error is in the log above", stage, code)
-        raise SystemExit(code)
+    if "plan" in values:  # curate: merge what its fanned-out shard steps made
+        argv += merge_flags(values["plan"].path, values["clustered"].path,
+                            [found.path for found in values["near_duplicates"]])
+    _run_cli(stage, argv)
     for port in row.outputs:
         if port.name in MARKDOWN_VIEWS and Path(locations[port.artifact]).exists():
             Path(values[parameter_name(port)].path).write_text(markdown_view(Path(locations[port.artifact])))

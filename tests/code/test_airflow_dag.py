@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from components.stages import CURATE_STEPS
 from components.stages import STAGES as STAGE_TABLE
 from tests.helpers import REPO_ROOT
 
@@ -60,13 +61,36 @@ def test_dag_files_import_without_errors(dagbag: Any) -> None:
 
 
 def test_every_stage_is_a_task_in_every_mode_in_pipeline_order_without_cycles(dag: Any) -> None:
+    """Each mode: curate's shard steps (the per-shard ones mapped over the shards), the curate merge, then every
+    other stage in order."""
     dag.check_cycle()
+    steps = [f"curate_{step}" for step in CURATE_STEPS]
     for mode in ("local", "docker", "kubernetes"):
-        for upstream, downstream in zip(STAGES, STAGES[1:]):
+        tasks = [*steps, *STAGES]
+        for upstream, downstream in zip(tasks, tasks[1:]):
             assert f"{mode}.{upstream}" in dag.get_task(f"{mode}.{downstream}").upstream_task_ids
-        assert dag.get_task(f"{mode}.{STAGES[0]}").upstream_task_ids >= {"choose_mode"}
+        assert dag.get_task(f"{mode}.{tasks[0]}").upstream_task_ids >= {"choose_mode"}
         assert f"{mode}.{STAGES[-1]}" in dag.get_task("publish").upstream_task_ids
+        mapped = {step for step in steps if dag.get_task(f"{mode}.{step}").is_mapped}
+        assert mapped == {f"curate_{step}" for step, (_, per_shard) in CURATE_STEPS.items() if per_shard}
     assert dag.get_task("publish").trigger_rule == "none_failed_min_one_success"
+
+
+def test_plan_lays_out_the_curate_steps_over_the_runs_shard_count(dag: Any, retrain_module: Any) -> None:
+    """The smoke profile's 3 shards: 3 argvs for each per-shard step, each step reading what the one before
+    wrote, and the curate merge reading the plan, the clustering and every group's pairs."""
+    layout = retrain_module.plan_run(_default_params(dag) | {"profile": "smoke", "eps": 0.1}, RUN_ID, "local")
+    assert layout["shards"] == [0, 1, 2]
+    steps = layout["steps"]
+    assert [len(steps[step]) for step in CURATE_STEPS] == [3, 1, 3, 1, 3]
+    prepared = [argv[argv.index("--out") + 1] for argv in steps["prepare"]]
+    plan = steps["plan"][0]
+    assert plan[plan.index("--prepared") + 1:plan.index("--out")] == prepared
+    assert [argv[argv.index("--shard") + 1] for argv in steps["embed"]] == ["0", "1", "2"]
+    assert all(argv[argv.index("--set") + 1] == "eps=0.1" for step in steps.values() for argv in step)
+    curate = layout["argv"]["curate"]
+    near_duplicates = [argv[argv.index("--out") + 1] for argv in steps["dedup"]]
+    assert curate[curate.index("--near-duplicates") + 1:] == near_duplicates
 
 
 def test_dag_runs_weekly_by_the_params_cron_and_when_raw_data_is_updated(dag: Any, retrain_module: Any) -> None:
@@ -113,7 +137,8 @@ def test_each_stage_gets_the_artifact_flags_dvc_yaml_gives_it(dag: Any, retrain_
         dvc_flags = {part for part in shlex.split(dvc_stages[stage]["cmd"]) if part.startswith("--")}
         argv = layout["argv"][stage]
         assert argv[0] == stage
-        assert {part for part in argv if part.startswith("--")} - {"--profile", "--set"} == dvc_flags, stage
+        merge = {"--plan", "--clustered", "--near-duplicates"}  # curate merges its fanned-out steps
+        assert {part for part in argv if part.startswith("--")} - {"--profile", "--set"} - merge == dvc_flags, stage
 
 
 def test_plan_puts_a_run_under_its_own_directory_and_turns_params_into_overrides(dag: Any,
@@ -208,6 +233,51 @@ def test_docker_mode_runs_the_stage_cli_in_a_container_of_the_project_image_on_t
     assert operator.user == f"{os.getuid()}:{os.getgid()}"
     assert operator.environment["EMBEDFORGE_PIPELINE_RUN"] == f"embedforge_retrain/{RUN_ID}"
     assert operator.environment["MLFLOW_TRACKING_URI"] and operator.environment["HF_HUB_OFFLINE"] == "1"
+
+
+class ContainerApi:
+    """The Docker API calls a StageContainer makes, answering that the container exited with `code`."""
+
+    def __init__(self, code: int) -> None:
+        self.code, self.removed = code, []
+
+    def inspect_container(self, container: str) -> dict[str, Any]:
+        return {"State": {"ExitCode": self.code}}
+
+    def remove_container(self, container: str) -> None:
+        self.removed.append(container)
+
+
+@pytest.mark.parametrize("code", [0, 2])
+def test_a_mapped_curate_step_container_runs_its_shards_argv_and_is_removed_after_its_exit_code_is_read(
+        dag: Any, retrain_module: Any, code: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Airflow renders a mapped task without the operator's own render_template_fields, so the argv is taken
+    from the plan again when it executes; the container is kept until its exit code is read (a provider setting
+    of auto_remove="success" removes a failed one first), then removed."""
+    from airflow.providers.docker.exceptions import DockerContainerFailedException
+    from airflow.providers.docker.operators.docker import DockerOperator
+    from airflow.sdk.exceptions import AirflowFailException
+
+    layout = retrain_module.plan_run(_default_params(dag) | {"profile": "smoke"}, RUN_ID, "docker")
+    operator = retrain_module.StageContainer(task_id="curate_prepare_1", stage=STAGE_TABLE["curate"],
+                                             step="prepare", shard=1)
+    api, ran = ContainerApi(code), []
+
+    def run(self: Any, context: Any) -> None:
+        ran.append(self.command)
+        self.container = {"Id": "c1"}
+        if code:
+            raise DockerContainerFailedException("failed", logs=[])
+
+    monkeypatch.setattr(DockerOperator, "execute", run)
+    monkeypatch.setattr(retrain_module.StageContainer, "cli", api, raising=False)
+    if code:
+        with pytest.raises(AirflowFailException, match="exit 2"):
+            operator.execute({"ti": PlanXCom(layout)})
+    else:
+        assert operator.execute({"ti": PlanXCom(layout)}) is None  # a step has no metrics of its own
+    assert ran == [layout["steps"]["prepare"][1]] and api.removed == ["c1"]
+    assert operator.auto_remove == "never"
 
 
 @pytest.mark.parametrize(("code", "retried", "says"), [

@@ -16,17 +16,17 @@ from components.curate import (
     DROP_REASONS,
     CurateConfig,
     CuratePaths,
-    KeepRule,
     apply_text_rules,
     assign_splits,
     build_beir,
     curate,
     exact_dedup,
-    semantic_dedup,
     subsample_by_source,
     subsample_trainable,
+    with_dedup_keys,
 )
 from components.data import DataError, read_beir, read_pairs
+from components.semdedup import KeepRule, semantic_dedup
 from components.text import normalise
 from tests.helpers import unit_rows
 
@@ -63,7 +63,7 @@ OK_POSITIVE = "A mail transfer agent for all."  # 30 chars
 def test_text_rule_drops_a_pair_with_the_audited_reason(query: str, positive: str, reason: str) -> None:
     kept, audit = apply_text_rules(_frame([("p1", query, positive)]), RULES)
     assert kept.empty
-    assert audit == [{"dropped_id": "p1", "kept_id": None, "similarity": None, "reason": reason, "cluster": -1}]
+    assert audit == [{"dropped_id": "p1", "kept_id": None, "similarity": None, "reason": reason, "group": -1}]
 
 
 @pytest.mark.parametrize(
@@ -86,16 +86,16 @@ def test_text_rules_keep_pairs_within_limits_and_normalise_them(query: str, posi
 def test_exact_dedup_keeps_the_first_by_id_and_audits_the_kept_id() -> None:
     frame = _frame([("b", "mail agent", OK_POSITIVE), ("a", "mail agent", OK_POSITIVE),
                     ("c", "other query", OK_POSITIVE), ("d", "mail agent", OK_POSITIVE)])
-    kept, audit = exact_dedup(frame)
+    kept, audit = exact_dedup(with_dedup_keys(frame))
     assert kept["id"].tolist() == ["a", "c"]
     assert audit == [
-        {"dropped_id": "b", "kept_id": "a", "similarity": 1.0, "reason": "exact_duplicate", "cluster": -1},
-        {"dropped_id": "d", "kept_id": "a", "similarity": 1.0, "reason": "exact_duplicate", "cluster": -1},
+        {"dropped_id": "b", "kept_id": "a", "similarity": 1.0, "reason": "exact_duplicate", "group": -1},
+        {"dropped_id": "d", "kept_id": "a", "similarity": 1.0, "reason": "exact_duplicate", "group": -1},
     ]
 
 
 def test_exact_dedup_compares_query_and_positive_as_separate_fields() -> None:
-    kept, audit = exact_dedup(_frame([("a", "ab", "c" * 20), ("b", "a", "bc" + "c" * 19)]))
+    kept, audit = exact_dedup(with_dedup_keys(_frame([("a", "ab", "c" * 20), ("b", "a", "bc" + "c" * 19)])))
     assert len(kept) == 2 and audit == []
 
 
@@ -157,9 +157,11 @@ def test_subsample_trainable_caps_train_and_dev_by_source_and_keeps_every_test_p
 
 # --- semantic dedup on hand-made unit vectors ---
 
-def _dedup(vectors: np.ndarray, *, eps: float = 0.05, n_clusters: int = 2, keep: KeepRule = KeepRule.first):
+def _dedup(vectors: np.ndarray, *, eps: float = 0.05, n_clusters: int = 2, keep: KeepRule = KeepRule.first,
+           probes: int = 2):
     ids = [f"v{index}" for index in range(len(vectors))]
-    return semantic_dedup(vectors, ids, n_clusters=n_clusters, eps=eps, keep_rule=keep, iterations=10, seed=0)
+    return semantic_dedup(vectors, ids, n_clusters=n_clusters, eps=eps, keep_rule=keep, iterations=10, seed=0,
+                          probes=probes)
 
 
 def test_identical_vectors_keep_one_and_audit_the_kept_id() -> None:
@@ -170,7 +172,7 @@ def test_identical_vectors_keep_one_and_audit_the_kept_id() -> None:
     for row in result.audit:
         assert row["kept_id"] == "v0" and row["reason"] == "semantic_duplicate"
         assert row["similarity"] > 1 - 0.01
-    assert result.cluster_sizes.sum() == 4
+    assert result.group_sizes.tolist() == [3]
 
 
 def test_orthogonal_vectors_are_all_kept_even_with_a_large_eps() -> None:
@@ -178,11 +180,49 @@ def test_orthogonal_vectors_are_all_kept_even_with_a_large_eps() -> None:
     assert result.keep.all() and result.audit == []
 
 
-def test_near_duplicates_in_different_clusters_are_not_compared() -> None:
-    vectors = unit_rows([[1, 0.01], [1, -0.01], [-1, 0.01], [-1, -0.01]])  # two tight, opposite pairs
+def test_two_tight_opposite_pairs_each_keep_one() -> None:
+    vectors = unit_rows([[1, 0.01], [1, -0.01], [-1, 0.01], [-1, -0.01]])
     result = _dedup(vectors, eps=0.05, n_clusters=2)
     assert result.keep.sum() == 2
     assert {(row["dropped_id"], row["kept_id"]) for row in result.audit} == {("v1", "v0"), ("v3", "v2")}
+
+
+def test_near_duplicates_across_a_cluster_boundary_are_found_by_probing_the_next_cluster() -> None:
+    """Clusters only find candidates: a pair split by a cluster boundary is compared when each row probes its
+    two nearest clusters, and missed when it probes only its own."""
+    from components import semdedup
+
+    vectors = unit_rows([[1, 0.98], [0.98, 1], [1, -1]])  # rows 0 and 1 straddle the diagonal
+    centroids = unit_rows([[1, 0], [0, 1]])
+    found = {probes: semdedup.near_duplicate_pairs(vectors, semdedup.probe(vectors, centroids, probes),
+                                                   np.arange(2), eps=0.05)
+             for probes in (1, 2)}
+    assert [(a, b) for a, b, _ in found[2].tolist()] == [(0, 1)]
+    assert found[2]["cosine"][0] == pytest.approx(float(vectors[0] @ vectors[1]))
+    assert len(found[1]) == 0
+
+
+def test_the_kept_set_does_not_move_when_every_vector_moves_by_1e_6(noisy_groups: np.ndarray) -> None:
+    """Another CPU's float kernels change embeddings by about 1e-6: neither the clustering nor the decision may
+    follow (only a pair within 1e-6 of the threshold could, and this data has none)."""
+    rng = np.random.default_rng(1)
+    perturbed = unit_rows(noisy_groups + rng.normal(scale=1e-6, size=noisy_groups.shape))
+    for keep in KeepRule:
+        first = _dedup(noisy_groups, eps=0.1, n_clusters=6, keep=keep, probes=3)
+        second = _dedup(perturbed, eps=0.1, n_clusters=6, keep=keep, probes=3)
+        assert first.keep.tolist() == second.keep.tolist() and len(first.audit) > 0
+        assert [(row["dropped_id"], row["kept_id"]) for row in first.audit] == [
+            (row["dropped_id"], row["kept_id"]) for row in second.audit]
+
+
+def test_the_decision_does_not_depend_on_the_clustering(noisy_groups: np.ndarray) -> None:
+    """k-means only finds candidates: any cluster count and seed that finds every pair gives one result."""
+    results = [_dedup(noisy_groups, eps=0.1, n_clusters=clusters, keep=KeepRule.farthest_from_centroid,
+                      probes=clusters) for clusters in (1, 3, 6, 12)]
+    results += [semantic_dedup(noisy_groups, [f"v{index}" for index in range(len(noisy_groups))], n_clusters=6,
+                               eps=0.1, keep_rule=KeepRule.farthest_from_centroid, iterations=10, seed=seed,
+                               probes=6, sample_size=30) for seed in (1, 2)]
+    assert all(result.audit == results[0].audit for result in results[1:])
 
 
 @pytest.fixture
@@ -340,3 +380,88 @@ def test_curate_on_bad_input_raises_naming_the_line_and_touches_no_output(
         assert {path: path.read_bytes() for path in (tmp_path / "out").rglob("*") if path.is_file()} == before
     else:
         assert not (tmp_path / "out").exists()
+
+
+# --- the shard steps: any shard and worker count gives the single-process result ---
+
+SNAPSHOT = Path(__file__).resolve().parents[2] / "data" / "raw" / "debian-bookworm" / "pairs.jsonl.gz"
+
+
+def _published(paths: CuratePaths) -> dict[str, object]:
+    """Everything curate publishes, as comparable values (manifests carry the same params digest too)."""
+    return {"pairs": pd.read_parquet(paths.output / "pairs.parquet"),
+            "audit": pd.read_parquet(paths.output / "audit.parquet"),
+            "vectors": np.load(paths.embeddings / "embeddings.npy"),
+            "ids": pd.read_parquet(paths.embeddings / "ids.parquet"),
+            "beir": read_beir(paths.beir),
+            "digests": {CURATED.read_manifest(paths.output).params_digest,
+                        EMBEDDINGS.read_manifest(paths.embeddings).params_digest}}
+
+
+@pytest.mark.slow
+def test_every_shard_count_gives_the_single_process_result_on_the_smoke_data(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Rows are sharded by source, exact dedup is global (the snapshot has cross-source duplicates), embedding
+    batches are fixed by the plan and the near-duplicate decision ignores the clustering: shards 1..4, and 3
+    shards on 2 worker processes, publish byte-for-byte the same rows, audit, vectors and BEIR set."""
+    settings = {"embed_model": str(tiny_model_dir), "embed_max_seq_length": 64, "max_pairs": 600, "n_clusters": 8,
+                "kmeans_iterations": 5, "eps": 0.2}
+    runs = {}
+    for shards, workers in ((1, 1), (2, 1), (3, 1), (4, 1), (3, 2)):
+        paths = _paths(tmp_path / f"{shards}x{workers}", SNAPSHOT)
+        result = curate(CurateConfig(**settings, shards=shards, workers=workers), paths)
+        runs[shards, workers] = (_published(paths), result.metrics)
+    single, metrics = runs[1, 1]
+    assert metrics["dropped_exact_duplicate"] > 0 and metrics["dropped_semantic_duplicate"] > 0
+    for (shards, workers), (published, other) in runs.items():
+        for name, value in single.items():
+            same = np.array_equal(value, published[name]) if name == "vectors" else (
+                value.equals(published[name]) if isinstance(value, pd.DataFrame) else value == published[name])
+            assert same, f"{name} differs with {shards} shards on {workers} workers"
+        counted = {key: value for key, value in other.items() if "seconds" not in key and "per_s" not in key}
+        assert counted == {key: value for key, value in metrics.items() if key in counted}
+
+
+@pytest.mark.slow
+def test_the_step_cli_runs_each_step_as_a_task_would_and_merges_to_the_stage_result(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`embedforge curate step ...` per shard and group, then `embedforge curate --plan ...`: what Kubeflow's
+    ParallelFor and Airflow's .expand() run, equal to `embedforge curate`."""
+    from components.cli import main as embedforge
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"curate: {{embed_model: {tiny_model_dir}, embed_max_seq_length: 64, max_pairs: 300, "
+                      f"n_clusters: 4, kmeans_iterations: 5, eps: 0.2, shards: 3}}\n")
+    common = ["--params", str(params)]
+    work = tmp_path / "steps"
+    shards = range(3)
+    for shard in shards:
+        assert embedforge(["curate", "step", "prepare", "--shard", str(shard), "--input", str(SNAPSHOT),
+                           "--out", str(work / f"prepared-{shard}"), *common]) == 0
+    assert embedforge(["curate", "step", "plan", "--prepared", *(str(work / f"prepared-{i}") for i in shards),
+                       "--out", str(work / "plan"), *common]) == 0
+    for shard in shards:
+        assert embedforge(["curate", "step", "embed", "--shard", str(shard), "--plan", str(work / "plan"),
+                           "--out", str(work / f"embedded-{shard}"), *common]) == 0
+    assert embedforge(["curate", "step", "cluster", "--embedded", *(str(work / f"embedded-{i}") for i in shards),
+                       "--out", str(work / "clustered"), *common]) == 0
+    for group in shards:
+        assert embedforge(["curate", "step", "dedup", "--shard", str(group), "--clustered", str(work / "clustered"),
+                           "--out", str(work / f"pairs-{group}"), *common]) == 0
+    merged, whole = _paths(tmp_path / "merged", SNAPSHOT), _paths(tmp_path / "whole", SNAPSHOT)
+    outputs = [["--output", str(paths.output), "--embeddings", str(paths.embeddings), "--beir", str(paths.beir),
+                "--metrics", str(paths.output.parent / "metrics.json"),
+                "--plot", str(paths.output.parent / "drops.csv"), "--input", str(SNAPSHOT), "--no-tracking", *common]
+               for paths in (merged, whole)]
+    assert embedforge(["curate", *outputs[0], "--plan", str(work / "plan"), "--clustered", str(work / "clustered"),
+                       "--near-duplicates", *(str(work / f"pairs-{i}") for i in shards)]) == 0
+    assert embedforge(["curate", *outputs[1], "--set", "shards=1"]) == 0
+    for name, value in _published(whole).items():
+        other = _published(merged)[name]
+        assert np.array_equal(value, other) if name == "vectors" else (
+            value.equals(other) if isinstance(value, pd.DataFrame) else value == other), name
+    # a missing group is refused with what to do
+    assert embedforge(["curate", *outputs[0], "--plan", str(work / "plan"), "--clustered", str(work / "clustered"),
+                       "--near-duplicates", str(work / "pairs-0"), str(work / "pairs-1")]) == 2

@@ -37,30 +37,47 @@ def submitted(values: dict[str, Any], job: str) -> dict[str, Any]:
 
 
 def cache_keys(arguments: dict[str, str], job: str) -> dict[str, str]:
-    """Each task's cache key as KFP's backend forms it: the executor's image, command and args, the task's
+    """Each root task's cache key as KFP's backend forms it: the executor's image, command and args, the task's
     resolved input parameters, its input artifacts (a cached producer hands on the same artifacts, so they stand
-    for the producer's key) and its output definitions. Env from ConfigMaps, Secrets or field paths is no part."""
+    for the producer's key) and its output definitions. Env from ConfigMaps, Secrets or field paths is no part.
+    A `ParallelFor` group (curate's shard steps) stands for its inner task, the loop item left symbolic."""
     defaults = {name: definition.get("defaultValue")
                 for name, definition in SPEC["root"]["inputDefinitions"]["parameters"].items()}
     pipeline_inputs = submitted(defaults | arguments, job)
+    tasks = SPEC["root"]["dag"]["tasks"]
     keys: dict[str, str] = {}
-    for name in STAGES:
-        task = SPEC["root"]["dag"]["tasks"][name]
-        parameters = {}
+
+    def material(task: dict[str, Any], channels: dict[str, str]) -> dict[str, Any]:
+        parameters, artifacts = {}, {}
         for parameter, source in task["inputs"].get("parameters", {}).items():
             if "componentInputParameter" in source:
-                parameters[parameter] = pipeline_inputs[source["componentInputParameter"]]
+                name = source["componentInputParameter"].removeprefix("pipelinechannel--")
+                parameters[parameter] = channels.get(name, pipeline_inputs.get(name))
+            elif "taskOutputParameter" in source:
+                parameters[parameter] = keys[source["taskOutputParameter"]["producerTask"]]
             else:
                 parameters[parameter] = submitted({"value": source["runtimeValue"]["constant"]}, job)["value"]
-        artifacts = {artifact: f"{keys[source['taskOutputArtifact']['producerTask']]}/"
-                               f"{source['taskOutputArtifact']['outputArtifactKey']}"
-                     for artifact, source in task["inputs"].get("artifacts", {}).items()}
+        for artifact, source in task["inputs"].get("artifacts", {}).items():
+            if "componentInputArtifact" in source:
+                artifacts[artifact] = channels[source["componentInputArtifact"]]
+            else:
+                artifacts[artifact] = (f"{keys[source['taskOutputArtifact']['producerTask']]}/"
+                                       f"{source['taskOutputArtifact']['outputArtifactKey']}")
         component = SPEC["components"][task["componentRef"]["name"]]
+        if "dag" in component:  # a loop: its one inner task, with the loop's inputs as channels
+            outer = material({"inputs": task["inputs"], "componentRef": {"name": "comp-curate-shards"}}, {})
+            loop = {name.removeprefix("pipelinechannel--"): value for name, value in outer["parameters"].items()}
+            loop |= {f"{name}-loop-item": "loop-item" for name in list(loop)} | outer["artifacts"]
+            (inner,) = component["dag"]["tasks"].values()
+            return material(inner, loop)
         container = SPEC["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
-        material = {"image": container["image"], "command": container["command"], "args": container["args"],
-                    "parameters": parameters, "artifacts": artifacts,
-                    "outputs": component.get("outputDefinitions")}
-        keys[name] = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+        return {"image": container["image"], "command": container["command"], "args": container["args"],
+                "parameters": parameters, "artifacts": artifacts, "outputs": component.get("outputDefinitions")}
+
+    while len(keys) < len(tasks):
+        for name, task in tasks.items():
+            if name not in keys and set(task.get("dependentTasks", [])) <= set(keys):
+                keys[name] = hashlib.sha256(json.dumps(material(task, {}), sort_keys=True).encode()).hexdigest()
     return keys
 
 
@@ -143,3 +160,15 @@ def test_only_the_gpu_stages_are_placed_on_gpu_nodes(stage: str) -> None:
     assert spec.get("nodeSelector", {}).get("labels", {}) == (CLUSTER.gpu_node_selector if gpu else {})
     assert [toleration["key"] for toleration in spec.get("tolerations", [])] == \
         ([toleration.key for toleration in CLUSTER.gpu_tolerations] if gpu else [])
+
+
+def test_curates_fanned_out_steps_share_its_cache_fate() -> None:
+    """A curate knob misses the cache for every shard step (ParallelFor groups included); a later stage's knob
+    for none of them."""
+    steps = {name for name in SPEC["root"]["dag"]["tasks"] if name not in STAGES}
+    assert len(steps) == 6  # curate-shards, the prepare/embed/dedup loops, curate-plan, curate-cluster
+    before = cache_keys({"profile": "smoke"}, "run-a")
+    eps = cache_keys({"profile": "smoke", "eps": "0.1"}, "run-a")
+    negatives = cache_keys({"profile": "smoke", "num_negatives": "3"}, "run-a")
+    assert {name for name in steps if before[name] != eps[name]} == steps
+    assert {name for name in steps if before[name] != negatives[name]} == set()

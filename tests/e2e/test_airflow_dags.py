@@ -18,6 +18,7 @@ import yaml
 
 from components.artifacts import read_manifest
 from components.cli import STAGES
+from components.stages import CURATE_STEPS, STEP_OUTPUT
 from tests.e2e.airflow_server import DAG_ID, AirflowServer, airflow, airflow_env, wait_for
 from tests.e2e.project import assert_same_as_dvc, tracked_copy, use_profile
 from tests.helpers import pipeline_runs
@@ -59,8 +60,23 @@ def dags_test_run(tmp_path_factory: pytest.TempPathFactory, cpu_image: str,
 def test_dags_test_runs_every_stage_in_a_container_and_skips_the_other_modes(dags_test_run: tuple) -> None:
     _, _, states = dags_test_run
     assert {states[f"docker.{stage}"] for stage in STAGES} == {"success"}
+    assert {states[f"docker.curate_{step}"] for step in CURATE_STEPS} == {"success"}
     assert {states[f"{mode}.{stage}"] for stage in STAGES for mode in ("local", "kubernetes")} == {"skipped"}
     assert states["plan"] == states["choose_mode"] == states["publish"] == "success"
+
+
+def test_curate_fans_out_over_the_smoke_profiles_3_shards_with_expand(dags_test_run: tuple) -> None:
+    """The per-shard steps were mapped over 3 shards (`.expand()`), each map index writing its shard's typed
+    artifact under the run's directory; the others ran once."""
+    project, _, _ = dags_test_run
+    (run_dir,) = (project / "airflow_runs").iterdir()
+    steps = run_dir / "curate_steps"
+    for step, (_, per_shard) in CURATE_STEPS.items():
+        outputs = [steps / STEP_OUTPUT[step] / f"{shard:05d}" for shard in range(3)] if per_shard else [
+            steps / STEP_OUTPUT[step]]
+        for path in outputs:
+            assert (path / "manifest.json").is_file(), path
+    assert not (steps / "prepared" / "00003").exists()
 
 
 def test_dags_test_publishes_every_artifact_and_tracks_one_mlflow_run_per_dag_run(dags_test_run: tuple) -> None:

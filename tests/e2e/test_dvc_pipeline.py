@@ -164,3 +164,20 @@ def test_a_repro_killed_inside_a_stage_leaves_nothing_half_written_and_the_next_
         assert f"Stage '{stage}' is cached - skipping run" in back.stdout, back.stdout[-4000:]
     assert read_manifest(smoke_project / "data/index", kind="faiss_indexes", schema_version=1).fingerprint == \
         before.fingerprint
+
+
+@pytest.mark.slow
+def test_the_smoke_runs_sharded_curate_equals_a_one_process_curate(dvc_smoke_results: Path, tmp_path: Path) -> None:
+    """`dvc repro` curated the smoke profile in 3 shards on 2 worker processes; the same params in one shard
+    and one process publish the same curated pairs (the manifest's fingerprint covers every file)."""
+    from components.config import load_stage_config
+    from components.curate import CurateConfig, CuratePaths, curate
+    from tests.helpers import REPO_ROOT
+
+    config = load_stage_config(CurateConfig, "curate", REPO_ROOT / "params.yaml", "smoke")
+    assert (config.shards, config.workers) == (3, 2)
+    paths = CuratePaths(input=REPO_ROOT / STAGES["curate"].port("input").path, output=tmp_path / "curated",
+                        embeddings=tmp_path / "embeddings", beir=tmp_path / "beir")
+    curate(config.model_copy(update={"shards": 1, "workers": 1}), paths)
+    dvc = json.loads((dvc_smoke_results / "manifests" / "data/curated" / "manifest.json").read_text())
+    assert read_manifest(paths.output, kind=dvc["kind"], schema_version=1).fingerprint == dvc["fingerprint"]

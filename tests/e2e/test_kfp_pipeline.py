@@ -17,11 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from components.artifact_types import CLUSTERED, CURATE_PLAN, EMBEDDED_SHARD, NEAR_DUPLICATES, PREPARED_SHARD
 from components.artifacts import read_manifest
-from components.stages import IMAGES, STAGES
+from components.config import load_stage_config
+from components.curate import CurateConfig
+from components.stages import CURATE_STEPS, IMAGES, STAGES, STEP_OUTPUT
 from pipelines.kfp_pipeline import COMPILED, compile_pipeline
 from tests.e2e.project import assert_same_as_dvc, tracked_copy, use_profile
 from tests.helpers import REPO_ROOT, pipeline_runs
+
+SMOKE_SHARDS = load_stage_config(CurateConfig, "curate", REPO_ROOT / "params.yaml", "smoke").shards
 
 
 def test_the_committed_pipeline_ir_is_current(tmp_path: Path) -> None:
@@ -35,10 +40,11 @@ def test_the_gpu_stages_request_a_gpu_on_the_cuda_image_and_the_others_run_on_th
 
     spec, _ = yaml.safe_load_all(COMPILED.read_text())  # the pipeline spec, then the Kubernetes platform spec
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) == {f"exec-{stage}" for stage in STAGES}
+    steps = {f"exec-curate-{step}" for step in (*CURATE_STEPS, "shards")}  # curate's fanned-out steps: CPU
+    assert set(executors) == {f"exec-{stage}" for stage in STAGES} | steps
     for name, executor in executors.items():
         container = executor["container"]
-        gpu = STAGES[name.removeprefix("exec-")].gpu
+        gpu = name not in steps and STAGES[name.removeprefix("exec-")].gpu
         assert container["image"] == IMAGES["cuda" if gpu else "cpu"], name
         assert ("accelerator" in container.get("resources", {})) is gpu, name
 
@@ -65,7 +71,8 @@ def kfp_run(tmp_path_factory: pytest.TempPathFactory, cpu_image: str, docker_hos
                        "-p", "profile=smoke")
     print(f"kfp.local DockerRunner, smoke profile: {time.perf_counter() - started:.0f}s")
     assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
-    assert result.stdout.count(f"Found image {cpu_image!r}") == len(STAGES), "every task runs in the CPU image"
+    tasks = len(STAGES) + 1 + sum(SMOKE_SHARDS if per_shard else 1 for _, per_shard in CURATE_STEPS.values())
+    assert result.stdout.count(f"Found image {cpu_image!r}") == tasks, "every task runs in the CPU image"
     return root
 
 
@@ -73,6 +80,22 @@ def _output(root: Path, task: str, name: str) -> Path:
     matches = sorted(root.glob(f"*/{task}/{name}"))
     assert len(matches) == 1, f"expected one {task}/{name} under {root}, found {matches}"
     return matches[0]
+
+
+@pytest.mark.slow
+def test_curate_fans_out_over_the_smoke_profiles_shards_with_parallel_for(kfp_run: Path) -> None:
+    """Each per-shard step ran once per shard as a ParallelFor iteration, each publishing its typed artifact;
+    the steps that take every shard ran once (their outputs merged into the curate task's, compared with dvc's
+    single-process result below)."""
+    assert SMOKE_SHARDS == 3
+    kinds = {"prepare": PREPARED_SHARD, "plan": CURATE_PLAN, "embed": EMBEDDED_SHARD, "cluster": CLUSTERED,
+             "dedup": NEAR_DUPLICATES}
+    for step, (_, per_shard) in CURATE_STEPS.items():
+        outputs = sorted(kfp_run.glob(f"**/curate-{step}/{STEP_OUTPUT[step]}"))
+        assert len(outputs) == (SMOKE_SHARDS if per_shard else 1), step
+        assert all("iteration-" in path.parent.parent.name for path in outputs) == per_shard, step
+        for path in outputs:
+            kinds[step].read_manifest(path)
 
 
 @pytest.mark.slow
