@@ -61,6 +61,7 @@ class EvaluateConfig(StageConfig):
     hnsw_ef_search: int = Field(
         128, ge=1,
         description="HNSW query-time candidate list (at least top_k x rescore_multiplier is used).")
+    ivf_nprobe: int = Field(32, ge=1, description="Inverted lists an IVF index searches per query.")
     rescore_multiplier: int = Field(
         4, ge=1, description="Binary search fetches top_k x this by Hamming distance, then rescores.")
     rescore_with: Literal["int8", "float32"] = Field(
@@ -169,6 +170,8 @@ def make_searcher(index: Any, record: IndexRecord, rescore_store: np.ndarray | N
     """A function (float queries, packed-bit queries, k) -> (scores, positions), higher scores better."""
     if record.type.endswith("hnsw"):
         index.hnsw.efSearch = max(config.hnsw_ef_search, config.top_k * config.rescore_multiplier)
+    if record.type.endswith("ivf"):
+        index.nprobe = config.ivf_nprobe
     if record.precision != "binary":
         return lambda floats, bits, k: index.search(floats, k)
     if rescore_store is None:

@@ -7,7 +7,10 @@ Index types (precision in brackets):
 - `int8_flat` (int8): faiss 8-bit scalar quantizer holding exactly the quantize stage's calibrated int8 codes;
   a float query is scored against the decoded vectors (asymmetric, no query quantization error);
 - `binary_flat` (binary): exact Hamming search over packed sign bits, 1/32 of the float bytes;
-- `binary_hnsw` (binary): HNSW graph over the packed bits.
+- `binary_hnsw` (binary): HNSW graph over the packed bits;
+- `binary_ivf` (binary): inverted lists of packed bits (Hamming k-means coarse quantizer, ~2 sqrt(n) lists):
+  the index that keeps to 1/32 of the float bytes plus an 8-byte id at 1M vectors, where the HNSW graph's links
+  alone cost more than the codes (bench/scale.py). Not built by default (the test corpus is small).
 
 Indexes are faiss files (`faiss.read_index` / `read_index_binary`: no pickle). The evaluate stage searches them;
 binary search is rescored there against the int8 (or float) vectors of the quantize artifact.
@@ -41,16 +44,17 @@ from components.config import StageConfig, params_digest
 log = logging.getLogger(__name__)
 
 STAGE = "index"
-IndexType = Literal["float_flat", "float_hnsw", "int8_flat", "binary_flat", "binary_hnsw"]
+IndexType = Literal["float_flat", "float_hnsw", "int8_flat", "binary_flat", "binary_hnsw", "binary_ivf"]
 
 
 class IndexConfig(StageConfig):
     """The `index` params; params.yaml's base section equals these defaults (test_params_defaults.py)."""
 
     types: list[IndexType] = Field(
-        default_factory=lambda: list(PRECISION_OF), min_length=1,
+        default_factory=lambda: ["float_flat", "float_hnsw", "int8_flat", "binary_flat", "binary_hnsw"],
+        min_length=1,
         description="faiss index types built per model x dim: float_flat | float_hnsw | int8_flat | "
-                    "binary_flat | binary_hnsw.")
+                    "binary_flat | binary_hnsw | binary_ivf.")
     models: list[str] | None = Field(
         None, description="Models to index; null = every model quantize embedded.")
     hnsw_m: int = Field(
@@ -75,9 +79,25 @@ def int8_index(quantized: QuantizedCorpus, model: str, dim: int) -> Any:
     return index
 
 
+def binary_ivf_index(codes: np.ndarray, dim: int) -> Any:
+    """Inverted lists over packed bits: a binary k-means coarse quantizer trained on the codes themselves."""
+    import faiss
+
+    from components.faiss_device import IVF_TRAINING_ROWS_PER_LIST, ivf_lists
+
+    index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(dim), dim, ivf_lists(len(codes)))
+    index.cp.seed = 42
+    index.cp.max_points_per_centroid = IVF_TRAINING_ROWS_PER_LIST
+    index.train(codes)
+    index.add(codes)
+    return index
+
+
 def build_index(kind: str, quantized: QuantizedCorpus, model: str, dim: int, config: IndexConfig) -> Any:
     import faiss
 
+    if kind == "binary_ivf":
+        return binary_ivf_index(quantized.ubinary(model, dim), dim)
     builders: dict[str, Callable[[], Any]] = {
         "float_flat": lambda: faiss.IndexFlatIP(dim),
         "float_hnsw": lambda: faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT),
@@ -94,12 +114,13 @@ def build_index(kind: str, quantized: QuantizedCorpus, model: str, dim: int, con
 
 
 def code_bytes(index: Any) -> int:
-    """Bytes of one stored vector code (an HNSW index keeps its vectors in a flat storage index)."""
+    """Bytes of one stored vector: its code (an HNSW index keeps its vectors in a flat storage index), plus the
+    8-byte id an inverted list stores beside each code."""
     import faiss
 
     if isinstance(index, faiss.IndexHNSW):
         return int(faiss.downcast_index(index.storage).code_size)
-    return int(index.code_size)
+    return int(index.code_size) + (8 if isinstance(index, faiss.IndexBinaryIVF | faiss.IndexIVF) else 0)
 
 
 def build_indexes(config: IndexConfig, quantized_path: Path, output: Path) -> dict[str, float]:

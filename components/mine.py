@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from components import artifacts
 from components.artifact_types import Provenance, read_curated, read_embeddings, write_mined
 from components.config import StageConfig, params_digest
-from components.faiss_device import faiss_device, inner_product_search
+from components.faiss_device import candidate_search, faiss_device
 from components.text import text_key
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,13 @@ class MineConfig(StageConfig):
         description="auto | float32 | bfloat16 for encoding queries (passages come cached from curate).")
     max_queries: int | None = Field(
         None, ge=1, description="Mine for at most this many train queries; null = all.")
-    seed: int = Field(42, description="Sampling seed when max_queries is set.")
+    exact_search_up_to: int = Field(
+        200_000, ge=1,
+        description="Exact candidate search up to this many corpus passages; an IVF index above (its recall of "
+                    "the exact candidates is measured on a sample and logged).")
+    ivf_nprobe: int = Field(32, ge=1, description="IVF lists searched per query when the search is approximate.")
+    recall_sample: int = Field(500, ge=1, description="Queries whose IVF candidates are checked against exact search.")
+    seed: int = Field(42, description="Sampling seed when max_queries is set, and the IVF and recall-sample seed.")
 
     @model_validator(mode="after")
     def _check(self) -> MineConfig:
@@ -163,7 +169,12 @@ def mine(config: MineConfig, paths: MinePaths) -> MineResult:
     queries = encode(model, train["query"].tolist(), batch_size=config.query_batch_size, label="train queries")
     depth = min(config.range_max, len(corpus))
     log.info("mine: candidate search with faiss on the %s", faiss_device())
-    scores, neighbours = inner_product_search(corpus_vectors, queries.vectors, depth)
+    search = candidate_search(corpus_vectors, queries.vectors, depth, exact_up_to=config.exact_search_up_to,
+                              nprobe=config.ivf_nprobe, recall_sample=config.recall_sample, seed=config.seed)
+    scores, neighbours = search.scores, search.positions
+    if search.method == "ivf":
+        log.info("mine: IVF candidate search found %.3f of the exact top %d (sample of %d queries)",
+                 search.recall, depth, min(config.recall_sample, len(train)))
     positive_scores = np.einsum("ij,ij->i", queries.vectors, corpus_vectors[positive_positions])
     selection = select_negatives(
         scores, neighbours, positive_positions, positive_scores, corpus_vectors,
@@ -191,6 +202,9 @@ def mine(config: MineConfig, paths: MinePaths) -> MineResult:
         "positive_score_mean": float(positive_scores.mean()),
         "negative_score_mean": float(negative_scores.mean()) if len(negative_scores) else 0.0,
         "encode_queries_per_s": queries.per_second,
+        "candidate_search_approximate": float(search.method == "ivf"),
+        "candidate_recall": search.recall,
+        "candidate_search_seconds": search.build_seconds + search.search_seconds,
         "seconds": time.perf_counter() - started,
     }
     provenance = Provenance(STAGE, params_digest(config), {"curated": curated_manifest.fingerprint,

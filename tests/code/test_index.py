@@ -116,3 +116,27 @@ def test_index_names_from_the_manifest_or_records_cannot_reach_outside_the_artif
     escaping = dataclasses.replace(indexes.records[0], file="../quantized/student/float32.npy")
     with pytest.raises(ArtifactError, match=r"no file '\.\./quantized/student/float32\.npy' in its manifest"):
         read_index(indexes, escaping)
+
+
+def test_binary_ivf_counts_its_ids_and_finds_what_binary_flat_finds_when_it_probes_every_list() -> None:
+    """The inverted-list index over bits: 1/32 of the float bytes plus an 8-byte id per vector, and with
+    nprobe = all lists exactly the Hamming neighbours of the flat binary index (more lists, less work)."""
+    import faiss
+
+    from components.faiss_device import ivf_lists
+    from components.index import binary_ivf_index, code_bytes
+
+    documents = random_unit_vectors(4000, 64, seed=7)
+    codes = binary_codes(documents)
+    index = binary_ivf_index(codes, 64)
+    assert code_bytes(index) == 64 // 8 + 8 and index.nlist == ivf_lists(4000)
+    flat = faiss.IndexBinaryFlat(64)
+    flat.add(codes)
+    queries = binary_codes(truncate_noisy(documents[:50], seed=8))
+    record = IndexRecord(model="m", dim=64, type="binary_ivf", precision="binary", vectors=4000, vector_bytes=0,
+                         file_bytes=0, build_seconds=0.0, file="m/d64/binary_ivf.faiss")
+    searcher = make_searcher(index, record, None, EvaluateConfig(ivf_nprobe=index.nlist))
+    distances, _ = searcher(None, queries, 10)
+    assert np.array_equal(-distances, flat.search(queries, 10)[0])
+    make_searcher(index, record, None, EvaluateConfig(ivf_nprobe=4))
+    assert index.nprobe == 4
