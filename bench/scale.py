@@ -85,6 +85,13 @@ def _threads(count: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(count)
 
 
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Fresh spawned processes sharing the cores; unlike curate's own pool they do not import torch up front,
+    which would count in every step's peak memory."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_threads,
+                               initargs=(max(1, (os.cpu_count() or 1) // workers),))
+
+
 def _measured(step: Callable[..., Any], *args: Any) -> tuple[float, float]:
     """Run one step call in this (worker) process: (seconds, the process's peak RSS in MiB so far). VmHWM, not
     getrusage: a spawned child's ru_maxrss starts at the parent's size at fork."""
@@ -98,10 +105,8 @@ def _measured(step: Callable[..., Any], *args: Any) -> tuple[float, float]:
 def run_step(step: Callable[..., Any], calls: list[tuple[Any, ...]], workers: int) -> dict[str, float]:
     """Every call of one step on `workers` fresh spawned processes: wall seconds (process start included) and
     the largest peak RSS of any of them."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
     started = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_threads,
-                             initargs=(threads,)) as pool:
+    with _pool(workers) as pool:
         results = [future.result() for future in [pool.submit(_measured, step, *call) for call in calls]]
     return {"seconds": time.perf_counter() - started, "peak_mib": max(peak for _, peak in results)}
 
@@ -126,8 +131,7 @@ def embed_rate(texts: list[str], workers: int, batch_size: int) -> float:
     (process start and model load excluded: a fixed cost per task, not per passage)."""
     texts = sorted(texts, key=len, reverse=True)  # batched longest first, as the plan step does
     chunks = [texts[index::workers] for index in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_threads,
-                             initargs=(max(1, (os.cpu_count() or 1) // workers),)) as pool:
+    with _pool(workers) as pool:
         seconds = list(pool.map(_encode_chunk, chunks, [batch_size] * workers))
     return len(texts) / max(seconds)
 

@@ -266,6 +266,11 @@ def _provenance(config: CurateConfig, raw_fingerprint: str) -> Provenance:
     return Provenance(STAGE, params_digest(config), {"raw_pairs": raw_fingerprint})
 
 
+def _carried(manifest: artifacts.Manifest) -> Provenance:
+    """A later step's provenance: the same params digest and raw input as the step artifact it reads."""
+    return Provenance(STAGE, manifest.params_digest, manifest.inputs)
+
+
 def _audit_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=AUDIT_COLUMNS).astype({"similarity": "float64", "group": "int64"})
 
@@ -286,15 +291,17 @@ def prepare_shard(config: CurateConfig, raw_path: Path, shard: int, output: Path
         raise ConfigError(f"curate: shard {shard} is outside 0..{config.shards - 1} (curate.shards)")
     raw = read_pairs(raw_path)
     own = shard_of(raw["source"], config.shards) == shard
-    if own.any():
+    rows_in = int(own.sum())
+    if rows_in:
         validate_pairs(raw[own], suite_name="raw_pairs", source=f"{raw_path} (shard {shard} of {config.shards})")
     if config.max_pairs is not None and len(raw) > config.max_pairs:
         raw = subsample_by_source(raw, config.max_pairs, config.seed)
-    sampled = raw[shard_of(raw["source"], config.shards) == shard].reset_index(drop=True)
+        own = shard_of(raw["source"], config.shards) == shard
+    sampled = raw[own].reset_index(drop=True)
     frame, audit = apply_text_rules(sampled, config)
     frame = with_dedup_keys(frame)
     frame["split"] = assign_splits(frame["source"], config.split_fractions, config.seed)
-    counts = {"rows_in": int(own.sum()), "rows_sampled": len(sampled),
+    counts = {"rows_in": rows_in, "rows_sampled": len(sampled),
               **{f"dropped_{reason}": sum(row["reason"] == reason for row in audit) for reason in DROP_REASONS[:3]}}
     write_step(PREPARED_SHARD, output, _provenance(config, artifacts.file_sha256(raw_path)),
                tables={"rows": frame, "audit": _audit_frame(audit)}, counts=counts, extra={"shard": shard})
@@ -342,10 +349,11 @@ def embed_shard(config: CurateConfig, plan: Path, shard: int, output: Path) -> N
     planned = read_step(CURATE_PLAN, plan)
     rows = planned.table(f"embed-{shard:05d}")
     model = load_model(config.embed_model, max_seq_length=config.embed_max_seq_length, dtype=config.embed_dtype)
-    batches = [group["positive"].tolist() for _, group in rows.groupby("embed_batch", sort=True)]
-    ids = [row_id for _, group in rows.groupby("embed_batch", sort=True) for row_id in group["id"]]
+    groups = [group for _, group in rows.groupby("embed_batch", sort=True)]
+    batches = [group["positive"].tolist() for group in groups]
+    ids = [row_id for group in groups for row_id in group["id"]]
     encoded = encode_fixed_batches(model, batches, label=f"passages of shard {shard}")
-    write_step(EMBEDDED_SHARD, output, Provenance(STAGE, planned.manifest.params_digest, planned.manifest.inputs),
+    write_step(EMBEDDED_SHARD, output, _carried(planned.manifest),
                tables={"ids": pd.DataFrame({"id": ids}, dtype=object)}, arrays={"embeddings": encoded.vectors},
                counts={"vectors": len(ids)}, extra={"shard": shard, "seconds": encoded.seconds})
 
@@ -364,7 +372,7 @@ def cluster_embeddings(config: CurateConfig, embedded: list[Path], output: Path)
         probed = semdedup.probe(vectors, centroids, config.dedup_probes)
     else:
         centroids, probed = np.empty((0, vectors.shape[1]), dtype=np.float32), np.empty((len(ids), 0), np.int64)
-    write_step(CLUSTERED, output, Provenance(STAGE, parts[0].manifest.params_digest, parts[0].manifest.inputs),
+    write_step(CLUSTERED, output, _carried(parts[0].manifest),
                tables={"ids": pd.DataFrame({"id": ids}, dtype=object)},
                arrays={"embeddings": vectors, "centroids": centroids, "probed": probed},
                counts={"vectors": len(ids), "clusters": len(centroids)},
@@ -377,7 +385,7 @@ def find_near_duplicates(config: CurateConfig, clustered: Path, group: int, outp
     clusters = semdedup.clusters_of_group(source.manifest.counts["clusters"], group, config.shards)
     pairs = semdedup.near_duplicate_pairs(source.array("embeddings", mmap=True), source.array("probed"), clusters,
                                           config.eps)
-    write_step(NEAR_DUPLICATES, output, Provenance(STAGE, source.manifest.params_digest, source.manifest.inputs),
+    write_step(NEAR_DUPLICATES, output, _carried(source.manifest),
                tables={"pairs": pd.DataFrame(pairs)}, counts={"pairs": len(pairs)}, extra={"group": group})
 
 
@@ -413,7 +421,7 @@ def merge_curation(config: CurateConfig, plan: Path, clustered: Path, near_dupli
 
     from components.embed import resolve_dtype
 
-    provenance = Provenance(STAGE, planned.manifest.params_digest, planned.manifest.inputs)
+    provenance = _carried(planned.manifest)
     write_embeddings(paths.embeddings, vectors, ids, provenance, extra={
         "model": config.embed_model, "max_seq_length": config.embed_max_seq_length,
         "dtype": resolve_dtype(config.embed_dtype), "text": "positive", "normalized": True})
@@ -438,18 +446,22 @@ def _limit_threads(threads: int) -> None:
                         datefmt="%H:%M:%S")
 
 
+def worker_pool(processes: int) -> ProcessPoolExecutor:
+    """`processes` spawned worker processes (fork is unsafe once torch has started threads), each with its share
+    of the cores."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_limit_threads,
+                               initargs=(max(1, (os.cpu_count() or 1) // processes),))
+
+
 def _fan_out(step: Any, calls: list[tuple[Any, ...]], workers: int) -> None:
-    """Run one step per shard: in this process with one worker, else on `workers` spawned processes (fork is
-    unsafe once torch has started threads)."""
+    """Run one step per shard: in this process with one worker, else on `workers` spawned processes."""
     if workers == 1 or len(calls) == 1:
         for call in calls:
             step(*call)
         return
-    import multiprocessing
-
-    processes = min(workers, len(calls))
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_limit_threads,
-                             initargs=(max(1, (os.cpu_count() or 1) // processes),)) as pool:
+    with worker_pool(min(workers, len(calls))) as pool:
         for future in [pool.submit(step, *call) for call in calls]:
             future.result()
 

@@ -57,8 +57,9 @@ def kfp_type(port: Port, direction: str) -> str | None:
     return f"{direction}[{'Model' if port.kind == MODEL else 'Dataset'}]"
 
 
-def _function(name: str, signature: list[str], doc: str, body: str) -> str:
-    return f"def {name}({', '.join(signature)}):\n    {doc!r}\n    from pipelines.stage_runner import {body}\n"
+def _function(name: str, signature: list[str], doc: str, body: str, returns: str = "") -> str:
+    return (f"def {name}({', '.join(signature)}){f' -> {returns}' if returns else ''}:\n    {doc!r}\n"
+            f"    from pipelines.stage_runner import {body}\n")
 
 
 # the curate merge also takes what its fanned-out steps made (see `curate_fan_out`)
@@ -92,7 +93,7 @@ def step_source(step: str) -> str:
 
 SHARDS_SOURCE = _function("curate_shards", [f"{name}: str" for name in (*STAGES["curate"].knobs, *COMMON)],
                           "the shard numbers curate fans out over (curate.shards)",
-                          "shard_numbers\n\n    return shard_numbers(locals())").replace("):", ") -> List[int]:", 1)
+                          "shard_numbers\n\n    return shard_numbers(locals())", returns="List[int]")
 
 
 def make_component(name: str, source: str, base_image: str) -> dsl.base_component.BaseComponent:
@@ -146,8 +147,8 @@ def build_pipeline(images: Mapping[str, str] = IMAGES, cluster: ClusterSettings 
     shard_numbers = make_component("curate_shards", SHARDS_SOURCE, images["cpu"])
     curate = STAGES["curate"]
 
-    def placed(task: dsl.PipelineTask) -> dsl.PipelineTask:
-        return task if cluster is None else on_cluster(task, curate, cluster)
+    def placed(task: dsl.PipelineTask, stage: Stage = curate) -> dsl.PipelineTask:
+        return task if cluster is None else on_cluster(task, stage, cluster)
 
     def curate_fan_out(arguments: dict[str, str]) -> dict[str, Any]:
         """curate's shard steps: `ParallelFor` over the shards for the per-shard steps, `dsl.Collected` into the
@@ -163,7 +164,7 @@ def build_pipeline(images: Mapping[str, str] = IMAGES, cluster: ClusterSettings 
                 made[step] = dsl.Collected(task.outputs[STEP_OUTPUT[step]])
             else:
                 made[step] = placed(steps[step](**inputs, **common)).outputs[STEP_OUTPUT[step]]
-        return {"plan": made["plan"], "clustered": made["cluster"], "near_duplicates": made["dedup"]}
+        return {STEP_OUTPUT[step]: made[step] for step in ("plan", "cluster", "dedup")}
 
     def _wire(*values: str) -> None:
         """Each stage's task on its inputs: pipeline inputs from the parameters, artifacts from their producer."""
@@ -179,7 +180,7 @@ def build_pipeline(images: Mapping[str, str] = IMAGES, cluster: ClusterSettings 
                                                tasks[producer.name].outputs[parameter_name(
                                                    next(p for p in producer.outputs if p.artifact == port.artifact))])
             task = components[name](**wired)
-            tasks[name] = task if cluster is None else on_cluster(task, stage, cluster)
+            tasks[name] = placed(task, stage)
 
     _wire.__signature__ = inspect.Signature([
         inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=str)
