@@ -41,7 +41,6 @@ from components.artifact_types import (  # noqa: E402
     Provenance,
     binary_codes,
     calibration_ranges,
-    dequantize_int8,
     int8_codes,
     read_embeddings,
     read_step,
@@ -58,7 +57,7 @@ from components.curate import (  # noqa: E402
 )
 from components.data import read_pairs  # noqa: E402
 from components.embed import encode, encode_fixed_batches, load_model  # noqa: E402
-from components.evaluate import EvaluateConfig, latency_ms, make_searcher, rescore, search_all  # noqa: E402
+from components.evaluate import EvaluateConfig, Int8Rows, latency_ms, make_searcher, search_all  # noqa: E402
 from components.faiss_device import candidate_search, ivf_lists  # noqa: E402
 from components.index import binary_ivf_index  # noqa: E402
 
@@ -188,18 +187,12 @@ def mining_at(size: int, vectors: np.ndarray, queries: np.ndarray) -> dict[str, 
     return row
 
 
-class Int8OnDisk:
-    """Rescoring vectors kept on disk: int8 codes in a memory-mapped file, dequantized per gathered candidate."""
-
-    def __init__(self, codes: np.ndarray, ranges: np.ndarray, path: Path) -> None:
-        self.codes = np.lib.format.open_memmap(path, mode="w+", dtype=np.int8, shape=codes.shape)
-        self.codes[:] = codes
-        self.codes.flush()
-        self.ranges = ranges
-
-    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
-        flat = dequantize_int8(np.asarray(self.codes[positions.ravel()]), self.ranges)
-        return flat.reshape(*positions.shape, flat.shape[1])
+def int8_on_disk(codes: np.ndarray, ranges: np.ndarray, path: Path) -> Int8Rows:
+    """Rescoring vectors kept on disk: int8 codes in a memory-mapped file, decoded per gathered candidate."""
+    mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.int8, shape=codes.shape)
+    mapped[:] = codes
+    mapped.flush()
+    return Int8Rows(mapped, ranges)
 
 
 def index_at(size: int, vectors: np.ndarray, queries: np.ndarray, scratch: Path) -> list[dict[str, Any]]:
@@ -214,7 +207,7 @@ def index_at(size: int, vectors: np.ndarray, queries: np.ndarray, scratch: Path)
     exact.add(corpus)
     _, truth = exact.search(queries, 10)
     ranges = calibration_ranges(corpus[np.random.default_rng(0).choice(size, 2000, replace=False)])
-    on_disk = Int8OnDisk(int8_codes(corpus, ranges), ranges, scratch / "int8.npy")
+    on_disk = int8_on_disk(int8_codes(corpus, ranges), ranges, scratch / "int8.npy")
     rows = []
 
     def measure(name: str, index: Any, kind: str, ram: float, disk: float, build_s: float,
@@ -222,11 +215,7 @@ def index_at(size: int, vectors: np.ndarray, queries: np.ndarray, scratch: Path)
         record = IndexRecord(model="m", dim=dim, type=kind, precision="binary" if "binary" in kind else "float32",
                              vectors=size, vector_bytes=0, file_bytes=0, build_seconds=build_s, file="")
         config = EvaluateConfig(top_k=10, rescore_multiplier=multiplier, hnsw_ef_search=64, ivf_nprobe=nprobe)
-        searcher = make_searcher(index, record, None, config)
-        if store is not None:
-            def searcher(floats: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-                _, candidates = index.search(codes, k * multiplier)
-                return rescore(floats, candidates, store, k)
+        searcher = make_searcher(index, record, store, config)
         _, found = search_all(searcher, queries, bits, 10)
         p50, p99 = latency_ms(searcher, queries, bits, len(queries))
         rows.append({"vectors": size, "index": name, "ram_B_per_vector": ram, "disk_B_per_vector": disk,

@@ -13,15 +13,15 @@ decides:
    so that BLAS blocking and thread counts cannot change it. Probing several clusters finds the pairs that
    straddle a boundary; `bench/semdedup.py` checks the found pairs against exact all-pairs search;
 4. `decide`: the near-duplicate graph's connected components (groups); inside each, members are visited in
-   keep-rule order (distance to the group's own mean, then id) and one is dropped when it is a near-duplicate
-   of an already kept member, which the audit names.
+   keep-rule order (cosine to the group's own mean rounded to `ORDER_DECIMALS` decimals, then id) and one is
+   dropped when it is a near-duplicate of an already kept member, which the audit names.
 
 The result is a function of the pairs above the threshold and of the vectors of each group: not of the
-sample, the centroids, the shard count or the order rows arrive in. Known limit (bench/semdedup.py): on the
-Debian embeddings no pair lies within 1e-3 of the threshold, so a 1e-6 change leaves the groups as they are,
-but in a two-member group both members are exactly as far from the group's mean, so which one is kept is
-decided by float rounding and a 1e-6 change flips 758 of 10,000 decisions; ordering by the distance rounded
-to a stated precision, then by id, is the fix still to make.
+sample, the centroids, the shard count or the order rows arrive in. Rounding the keep order matters: in a
+two-member group both members are, in exact arithmetic, equally far from the group's mean, so unrounded float
+noise picked the survivor and a 1e-6 change in the vectors flipped 758 of 10,000 decisions
+(bench/semdedup.py); rounded, such ties go to the id. A flip is left only where a pair lies within the noise of
+the threshold or a member's cosine to its mean sits on a rounding boundary: none at noise 1e-6 to 1e-3 there.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ import numpy as np
 # Candidates are screened in float32 with this margin below the threshold, then decided in float64: float32
 # dot products of unit vectors are off by < 1e-6, so no pair above the threshold is screened out.
 SCREEN_MARGIN = 1e-4
+# Cosines to a group's mean are compared at this many decimals, coarse against cross-CPU noise (~1e-6) and fine
+# against the spread inside a group (cosines to the mean lie within [1 - eps, 1]).
+ORDER_DECIMALS = 3
 
 
 class KeepRule(str, Enum):
@@ -138,7 +141,7 @@ def _visiting_order(members: np.ndarray, vectors: np.ndarray, keep_rule: KeepRul
         return members
     group = vectors[members].astype(np.float64)
     mean = group.mean(axis=0)
-    to_mean = group @ (mean / max(np.linalg.norm(mean), 1e-12))
+    to_mean = np.round(group @ (mean / max(np.linalg.norm(mean), 1e-12)), ORDER_DECIMALS)
     direction = 1.0 if keep_rule is KeepRule.farthest_from_centroid else -1.0
     return members[np.lexsort((members, direction * to_mean))]
 

@@ -215,6 +215,19 @@ def test_the_kept_set_does_not_move_when_every_vector_moves_by_1e_6(noisy_groups
             (row["dropped_id"], row["kept_id"]) for row in second.audit]
 
 
+def test_a_two_member_group_keeps_the_lower_id_however_its_vectors_are_rounded() -> None:
+    """Both members of a pair are, in exact arithmetic, equally far from their mean: the tie goes to the id,
+    not to float noise, under every perturbation of 1e-6."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(40, 32))
+    pairs = unit_rows(np.repeat(centres, 2, axis=0) + rng.normal(scale=0.05, size=(80, 32)))
+    for trial in range(5):
+        moved = unit_rows(pairs + rng.normal(scale=1e-6, size=pairs.shape)) if trial else pairs
+        result = _dedup(moved, eps=0.1, n_clusters=4, keep=KeepRule.farthest_from_centroid, probes=4)
+        assert [(row["kept_id"], row["dropped_id"]) for row in result.audit] == [
+            (f"v{2 * group}", f"v{2 * group + 1}") for group in range(40)]
+
+
 def test_the_decision_does_not_depend_on_the_clustering(noisy_groups: np.ndarray) -> None:
     """k-means only finds candidates: any cluster count and seed that finds every pair gives one result."""
     results = [_dedup(noisy_groups, eps=0.1, n_clusters=clusters, keep=KeepRule.farthest_from_centroid,
