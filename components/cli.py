@@ -289,16 +289,35 @@ def run_stage(
             outcome = work()
             staging.upload()
         else:
-            with tracking.stage_run(stage, flatten(config), params_path=args.params):
+            with tracking.stage_run(stage, flatten(config), params_path=args.params,
+                                    final=stage == list(STAGES)[-1]):
                 outcome = work()
                 staging.upload()
                 tracking.record_outcome(outcome.metrics, outcome.data_fingerprint, outcome.json_artifacts,
                                         outcome.files, outcome.pipeline_tags)
+                tracking.log_datasets(artifact_datasets(stage, args))
     finally:
         staging.cleanup()
     if metrics_path is not None:
         write_json_atomic(metrics_path, outcome.metrics)
     return outcome
+
+
+def artifact_datasets(stage: str, args: argparse.Namespace) -> list[tracking.ArtifactDataset]:
+    """The stage's input and output artifacts that have a manifest, where they were given (an s3:// URI stays
+    one) and their fingerprints: what its MLflow run records as datasets."""
+    row = STAGES[stage]
+    found = []
+    for port in row.ports:
+        local = getattr(args, port.name, None)
+        if port.kind is None or local is None or not (Path(local) / MANIFEST).is_file():
+            continue
+        manifest = read_manifest(local, kind=port.kind.kind, schema_version=port.kind.schema_version, verify=False)
+        given = args.given.get(port.name, str(local))
+        uri = given if storage.is_s3(given) else str(Path(given).resolve())
+        found.append(tracking.ArtifactDataset(port.artifact, uri, manifest.fingerprint,
+                                              "input" if port in row.inputs else "output"))
+    return found
 
 
 def classify(exc: BaseException) -> tuple[int, str] | None:
@@ -340,10 +359,13 @@ def guarded(entry: Callable[[list[str] | None], None]) -> Callable[[list[str] | 
     return wrapper
 
 
+TOOLS = ("search", "serve")  # use what a run made: not stages, no artifacts written
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        print(f"usage: embedforge {{{','.join(STAGES)}}} [--help] ...", file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*STAGES, *TOOLS):
+        print(f"usage: embedforge {{{','.join((*STAGES, *TOOLS))}}} [--help] ...", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
     module = importlib.import_module(f"components.{argv[0]}")
     return guarded(module.main)(argv[1:])

@@ -37,8 +37,8 @@ from pydantic import Field, field_validator
 
 from components.artifact_types import MODEL, Provenance, read_curated, read_mined, write_model
 from components.config import ConfigError, StageConfig, params_digest
-from components.training import (accelerator_metrics, data_shard_metrics, dev_evaluator, publish_from_rank_zero,
-                                  run_training_stage, start_checkpoints, training_arguments)
+from components.training import (accelerator_metrics, data_shard_metrics, dev_evaluator, mlflow_curves,
+                                  publish_from_rank_zero, run_training_stage, start_checkpoints, training_arguments)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -204,7 +204,7 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     arguments = training_arguments(config, paths.checkpoints)  # sets up the process group under torchrun
     resume_from = start_checkpoints(paths.checkpoints, ":".join([params_digest(config), *inputs]))
     trainer = SentenceTransformerTrainer(model=student, args=arguments, train_dataset=datasets, loss=objectives,
-                                         evaluator=evaluator)
+                                         evaluator=evaluator, callbacks=[mlflow_curves()])
     shards = data_shard_metrics(trainer)
     output = trainer.train(resume_from_checkpoint=resume_from)
     student.max_seq_length = config.serve_max_seq_length

@@ -2,7 +2,10 @@
 
 Stages run as separate processes (under DVC, Kubeflow or Airflow), so the parent run is found again by a
 pipeline key: `EMBEDFORGE_PIPELINE_RUN` when an orchestrator sets it (its run id), otherwise a digest of the
-git commit and the params file, so one `dvc repro` gathers all its stages under one parent.
+git commit and the params file, so one `dvc repro` gathers all its stages under one parent. The parent is
+RUNNING while stages run, FAILED when one fails, and FINISHED when the pipeline's last stage ends. Each stage
+run samples system metrics (CPU, memory, disk, network; GPU where `pynvml` is installed) and records its input
+and output artifacts as MLflow datasets, named after the artifact with its fingerprint as digest.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,8 @@ DEFAULT_ARTIFACT_DIR = "mlartifacts"
 EXPERIMENT = "embedforge"
 PREFLIGHT_TIMEOUT_S = 5.0
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+SYSTEM_METRICS_INTERVAL_S = 5.0
+DATASET_DIGEST_CHARS = 32  # MLflow keeps 36 characters of a dataset digest; the full fingerprint goes in a tag
 
 
 class TrackingUnavailable(RuntimeError):
@@ -166,16 +173,43 @@ def record_outcome(
         mlflow.log_artifact(str(path))
 
 
+@dataclass(frozen=True)
+class ArtifactDataset:
+    """An artifact a stage read or wrote, as an MLflow dataset: where it is and its content fingerprint."""
+
+    name: str
+    uri: str
+    fingerprint: str
+    context: Literal["input", "output"]
+
+
+def log_datasets(datasets: list[ArtifactDataset]) -> None:
+    """Record each artifact on the active run (`log_input`): the run page lists what went in and came out."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for dataset in datasets:
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": all local
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(dataset.uri)
+        mlflow.log_input(MetaDataset(source, name=dataset.name, digest=dataset.fingerprint[:DATASET_DIGEST_CHARS]),
+                         context=dataset.context, tags={"embedforge.fingerprint": dataset.fingerprint})
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
     params: Mapping[str, Any],
     *,
     params_path: Path,
+    final: bool,
 ) -> Iterator[str]:
     """Open the nested MLflow run of `stage` under this pipeline's parent run; yields the stage run id.
 
-    The tracking URI is `MLFLOW_TRACKING_URI` when set, else a local SQLite store in the working directory.
+    The parent goes (back) to RUNNING as the stage starts, to FAILED if it fails, and to FINISHED after the
+    `final` stage (the pipeline's last). The tracking URI is `MLFLOW_TRACKING_URI` when set, else a local
+    SQLite store in the working directory.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -186,10 +220,13 @@ def stage_run(
     experiment_id = _experiment_id(client, uri)
     tags = {"embedforge.git_commit": git_commit()}
     parent_id = _parent_run_id(client, experiment_id, pipeline_key(params_path), tags)
+    client.update_run(parent_id, status="RUNNING")
+    mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=stage,
         tags={"mlflow.parentRunId": parent_id, "embedforge.stage": stage, **tags},
+        log_system_metrics=True,
     ) as run:
         mlflow.log_params({mlflow_key(key): value for key, value in params.items()})
         log.info("MLflow: stage run %s under pipeline run %s (%s)", run.info.run_id, parent_id, _shown(uri))
@@ -198,4 +235,5 @@ def stage_run(
         except BaseException:
             client.set_terminated(parent_id, status="FAILED")
             raise
-    client.set_terminated(parent_id, status="FINISHED")
+    if final:
+        client.set_terminated(parent_id, status="FINISHED")

@@ -24,8 +24,8 @@ from pydantic import Field
 
 from components.artifact_types import Provenance, read_curated, read_mined, write_model
 from components.config import ConfigError, StageConfig, params_digest
-from components.training import (accelerator_metrics, data_shard_metrics, dev_evaluator, publish_from_rank_zero,
-                                  run_training_stage, start_checkpoints, training_arguments)
+from components.training import (accelerator_metrics, data_shard_metrics, dev_evaluator, mlflow_curves,
+                                  publish_from_rank_zero, run_training_stage, start_checkpoints, training_arguments)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -143,6 +143,7 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
         train_dataset=Dataset.from_pandas(frame, preserve_index=False),
         loss=build_loss(config, model),
         evaluator=evaluator,
+        callbacks=[mlflow_curves()],
     )
     shards = data_shard_metrics(trainer)
     baseline = evaluator(model)

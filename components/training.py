@@ -1,6 +1,7 @@
 """Training plumbing that train and distill share: device and precision, the dev evaluator, the trainer's
-arguments, checkpoints that resume a killed run, peak accelerator memory, and what `torchrun` needs: which
-process is global rank 0 (the only one that tracks and publishes) and which rows each rank trains on.
+arguments and its curves in MLflow, checkpoints that resume a killed run, peak accelerator memory, and what
+`torchrun` needs: which process is global rank 0 (the only one that tracks and publishes) and which rows each
+rank trains on.
 """
 
 from __future__ import annotations
@@ -181,6 +182,36 @@ def training_arguments(schedule: Schedule, checkpoints: Path) -> SentenceTransfo
         dataloader_drop_last=True,
         **device_settings(schedule.cpu_bf16),
     )
+
+
+# The trainer's log keys drawn as MLflow metric histories, under the names the run page shows.
+CURVES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
+          DEV_METRIC: "dev/ndcg@10", "eval_loss": "dev/loss"}
+
+
+def mlflow_curves() -> object:
+    """A trainer callback that logs every trainer log line's loss, learning rate, gradient norm and dev nDCG@10 to
+    the stage's MLflow run at its global step, so the run page draws training curves; global rank 0 only, and
+    nothing without an active run (`--no-tracking`)."""
+    from transformers import TrainerCallback
+
+    class MlflowCurves(TrainerCallback):
+        def on_log(self, args: object, state: object, control: object, logs: dict[str, object] | None = None,
+                   **kwargs: object) -> None:
+            import mlflow
+
+            if not logs or mlflow.active_run() is None or not is_global_rank_zero():
+                return
+            values = {}
+            for key, name in CURVES.items():
+                try:
+                    values[name] = float(logs[key])  # type: ignore[arg-type]
+                except (KeyError, TypeError, ValueError):
+                    continue
+            if values:
+                mlflow.log_metrics(values, step=int(state.global_step))  # type: ignore[attr-defined]
+
+    return MlflowCurves()
 
 
 def start_checkpoints(checkpoints: Path, run_digest: str) -> str | None:

@@ -20,12 +20,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # --- processes ----------------------------------------------------------------------------------------------
 
 def run_python(args: Sequence[str], *, cwd: Path = REPO_ROOT, env: Mapping[str, str | None] | None = None,
-               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+               timeout: float = 300, stdin: str | bytes = b"") -> subprocess.CompletedProcess[str]:
     """`python ARGS` on this interpreter as its own process (`["-m", "components.train", ...]` for a stage
     CLI, `["bench/x.py", ...]` for a script), in `cwd`, stdout and stderr captured as text.
 
     Its environment is this process's with the repository on PYTHONPATH, updated by `env`, where a None value
-    removes the variable. (`python -m` puts `cwd` before PYTHONPATH: a copy of the project in `cwd` runs its
+    removes the variable; `stdin` is its standard input. (`python -m` puts `cwd` before PYTHONPATH: a copy of the project in `cwd` runs its
     own code.)
     """
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -34,8 +34,10 @@ def run_python(args: Sequence[str], *, cwd: Path = REPO_ROOT, env: Mapping[str, 
             environment.pop(name, None)
         else:
             environment[name] = value
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run([sys.executable, *args], cwd=cwd, env=environment, capture_output=True, timeout=timeout,
+                          input=stdin.encode() if isinstance(stdin, str) else stdin)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(errors="replace"),
+                                       done.stderr.decode(errors="replace"))
 
 
 # --- MLflow -------------------------------------------------------------------------------------------------

@@ -250,3 +250,13 @@ class StoppingProxy:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.shutdown(socket.SHUT_RDWR)
         sock.close()
+
+
+@contextlib.contextmanager
+def running_serve(arguments: list[str], workdir: Path, env: dict[str, str]) -> Iterator[str]:
+    """`embedforge serve` on a free port of 127.0.0.1; yields its base URL once /healthz answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with _server([str(BIN / "embedforge"), "serve", "--port", str(port), *arguments], f"{url}/healthz",
+                 workdir / "serve.log", {**os.environ, **env}, timeout_s=120):
+        yield url

@@ -91,6 +91,26 @@ def test_smoke_repro_tracks_one_parent_run_with_a_nested_run_per_stage(smoke_pro
     assert len(parent.data.tags["embedforge.git_commit"]) == 40
     artifacts = {item.path for item in client.list_artifacts(children["curate"].info.run_id)}
     assert "audit_sample.json" in artifacts
+    assert parent.info.status == "FINISHED"  # by the last stage; RUNNING until then
+
+
+def test_smoke_repro_logs_training_curves_system_metrics_and_datasets(smoke_project: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{smoke_project / 'mlflow.db'}")
+    _, children = pipeline_runs(client)
+    curves = {"train": ("train/loss", "train/learning_rate", "dev/ndcg@10"),  # 24 steps, dev every 12
+              "distill": ("train/loss", "train/learning_rate")}  # fewer steps than its eval_steps on smoke data
+    for stage, names in curves.items():
+        for curve in names:
+            steps = [point.step for point in client.get_metric_history(children[stage].info.run_id, curve)]
+            assert len(steps) >= 2 and steps == sorted(set(steps)), (stage, curve, steps)
+    assert any(key.startswith("system/cpu_utilization") for key in children["train"].data.metrics)
+    datasets = {(item.dataset.name, {tag.key: tag.value for tag in item.tags}["mlflow.data.context"]):
+                item.dataset.digest for item in children["train"].inputs.dataset_inputs}
+    curated = read_manifest(smoke_project / "data/curated", kind="curated_pairs", schema_version=1)
+    assert datasets[("curated", "input")] == curated.fingerprint[:32]
+    assert {("mined", "input"), ("teacher", "output")} <= set(datasets)
 
 
 def test_second_repro_reruns_nothing(smoke_project: Path) -> None:

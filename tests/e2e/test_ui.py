@@ -1,8 +1,8 @@
-"""The UIs people review runs in, in headless Chromium: MLflow's run page and Airflow's trigger form.
+"""The UIs people review runs in, in headless Chromium: MLflow's run pages and Airflow's trigger form.
 
-Both read what the REST-triggered Airflow run of the smoke profile produced (tests/e2e/conftest.py): its MLflow
-evaluate run must show nDCG@10 at the operating point with the value the stage logged, and the DAG's trigger form
-must show the run Params. Screenshots go to `test-artifacts/` (or $EMBEDFORGE_TEST_ARTIFACTS).
+All read what the REST-triggered Airflow run of the smoke profile produced (tests/e2e/conftest.py): its MLflow
+evaluate run must show nDCG@10 at the operating point with the value the stage logged, its train run must chart
+the loss curve, and the DAG's trigger form must show the run Params. Screenshots go to `test-artifacts/` (or $EMBEDFORGE_TEST_ARTIFACTS).
 """
 
 from __future__ import annotations
@@ -80,6 +80,27 @@ def test_mlflow_run_page_shows_the_evaluate_runs_ndcg_at_10(airflow_server: Airf
         page.screenshot(path=str(screenshots / "mlflow_run.png"))
         page.close()
     assert float(shown.split()[-1]) == pytest.approx(logged, abs=1e-9)
+
+
+def test_mlflow_draws_the_train_runs_loss_curve(airflow_server: AirflowServer, triggered_run: dict[str, Any],
+                                               browser: Any, screenshots: Path, tmp_path: Path) -> None:
+    """The trainer's loss, learning rate and dev nDCG@10 are metric histories: the run page charts them."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{airflow_server.project / 'mlflow.db'}"
+    client = MlflowClient(store)
+    train = stage_run(client, "train")
+    losses = client.get_metric_history(train.info.run_id, "train/loss")
+    assert len(losses) >= 2 and len({point.step for point in losses}) == len(losses)
+    with mlflow_ui(store, tmp_path) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{url}/#/experiments/{train.info.experiment_id}/runs/{train.info.run_id}/model-metrics",
+                  timeout=UI_TIMEOUT_MS)
+        title = page.get_by_text("train/loss", exact=True).first
+        title.wait_for(timeout=UI_TIMEOUT_MS)
+        page.locator(".js-plotly-plot, canvas, svg.main-svg").first.wait_for(timeout=UI_TIMEOUT_MS)
+        page.screenshot(path=str(screenshots / "mlflow_train_curves.png"))
+        page.close()
 
 
 def test_airflow_trigger_form_shows_the_dags_params(airflow_server: AirflowServer, browser: Any,
