@@ -359,7 +359,7 @@ def guarded(entry: Callable[[list[str] | None], None]) -> Callable[[list[str] | 
     return wrapper
 
 
-TOOLS = ("search", "serve")  # use what a run made: not stages, no artifacts written
+TOOLS = ("search", "serve", "export")  # use what a run made: not stages of the pipeline
 
 
 def main(argv: list[str] | None = None) -> int:

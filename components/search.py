@@ -1,10 +1,12 @@
 """search: the model and index the pipeline built, answering queries at the operating point evaluate chose.
 
-`open_retriever` loads a model (a directory, `package:<module>`, or a registered version such as
-`models:/embedforge-student@champion`), the operating point (the registered version's own, or the evaluation
-artifact's), the index artifact, the quantize artifact (int8 rescoring vectors) and the BEIR corpus (passage
-texts), and refuses to start when they do not belong together. Queries are then searched exactly as evaluate
-measured them: the same dims, index, HNSW/IVF settings and rescoring, through the same `make_searcher`.
+`open_retriever` loads a model (a directory, `package:<module>`, its ONNX export from `embedforge export`, or a
+registered version such as `models:/embedforge-student@champion`), the operating point (the registered
+version's own, or the evaluation artifact's), the index artifact, the quantize artifact (int8 rescoring
+vectors) and the BEIR corpus (passage texts), and refuses to start when they do not belong together. Queries
+are then searched exactly as evaluate measured them: the same dims, index, HNSW/IVF settings and rescoring,
+through the same `make_searcher` (an ONNX export encodes the queries with int8 weights: bench/onnx_export.py
+measures what that costs).
 
     embedforge search "how do I mount an NFS share"          # one query, top 10 with scores and passages
     embedforge search --model models:/embedforge-student@champion - < queries.txt   # one query per line
@@ -114,6 +116,7 @@ class ModelSource:
     path: str
     fingerprint: str
     registered_point: dict[str, Any] | None = None
+    backend: str = "torch"  # or "onnx-qint8": an `embedforge export` of the model with that fingerprint
 
 
 class Retriever:
@@ -194,8 +197,15 @@ def locate_registered(uri: str) -> ModelSource:
 
 
 def locate_model(reference: str) -> ModelSource:
+    """A registered version, an ONNX export (identified by the model it was exported from), or a model."""
+    from components.embed import resolve_model_path
+    from components.export import onnx_record
+
     if reference.startswith(REGISTRY_PREFIX):
         return locate_registered(reference)
+    exported = onnx_record(resolve_model_path(reference))
+    if exported is not None:
+        return ModelSource(reference, reference, exported["source_fingerprint"], backend="onnx-qint8")
     return ModelSource(reference, reference, model_fingerprint(reference))
 
 
@@ -235,7 +245,7 @@ def open_retriever(model_reference: str, *, evaluation: Path, index: Path, quant
     store = rescore_store(quantized_corpus, point.model, point.dim, point.rescore_with) if point.rescored else None
     searcher = make_searcher(faiss_index, record, store, point.search_config())
     corpus = read_beir(beir).corpus
-    version = {"model": source.reference, "model_fingerprint": source.fingerprint,
+    version = {"model": source.reference, "model_fingerprint": source.fingerprint, "model_backend": source.backend,
                "index": indexes.manifest.fingerprint, "operating_point": point.name}
     log.info("search: %s, %d passages, operating point %s (nDCG@10 %.4f), ready in %.1fs", source.reference,
              record.vectors, point.name, point.ndcg_at_10, time.perf_counter() - started)

@@ -184,9 +184,10 @@ def training_arguments(schedule: Schedule, checkpoints: Path) -> SentenceTransfo
     )
 
 
-# The trainer's log keys drawn as MLflow metric histories, under the names the run page shows.
+# The trainer's log keys drawn as MLflow metric histories, under the names the run page shows (MLflow refuses
+# '@' in a metric name).
 CURVES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
-          DEV_METRIC: "dev/ndcg@10", "eval_loss": "dev/loss"}
+          DEV_METRIC: "dev/ndcg_at_10", "eval_loss": "dev/loss"}
 
 
 def mlflow_curves() -> object:

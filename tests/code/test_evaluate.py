@@ -236,5 +236,5 @@ def test_cli_on_a_bad_beir_dir_exits_2_with_a_one_line_error_naming_the_file(tmp
 @pytest.mark.parametrize(("argv", "code"), [(["nope"], 2), ([], 2), (["--help"], 0)])
 def test_embedforge_dispatcher_refuses_unknown_stages(argv: list[str], code: int, capsys) -> None:
     assert cli_main(argv) == code
-    usage = f"usage: embedforge {{{','.join(STAGES)},search,serve}}"  # the stages in pipeline order, then tools
+    usage = f"usage: embedforge {{{','.join(STAGES)},search,serve,export}}"  # the stages in order, then tools
     assert usage in capsys.readouterr().err

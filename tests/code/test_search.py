@@ -79,6 +79,16 @@ def test_an_operating_point_whose_index_was_not_built_is_refused(served: dict[st
         _open({**served, "evaluation": evaluation})
 
 
+def test_an_onnx_export_of_the_student_is_served_as_that_student(served: dict[str, Path], tmp_path: Path) -> None:
+    from components.export import export_onnx
+
+    export_onnx(str(served["student"]), tmp_path / "student-onnx")
+    retriever = _open(served, str(tmp_path / "student-onnx"))
+    assert retriever.version["model_backend"] == "onnx-qint8"
+    assert retriever.version["model_fingerprint"] == _open(served).version["model_fingerprint"]
+    assert len(retriever.search(["install a package"], k=5)[0]) == 5
+
+
 @pytest.mark.parametrize(("queries", "message"), [
     ([], "no query given"),
     (["  "], "text 1 is empty"),

@@ -56,3 +56,23 @@ def test_a_stage_run_records_its_artifacts_as_datasets_with_their_fingerprints(s
         "mlflow.data.context": "input", "embedforge.fingerprint": fingerprint}
     assert str(tmp_path / "data/quantized") in logged["quantized"].dataset.source
     assert logged["indexes"].dataset.source_type == "s3"
+
+
+def test_trainer_log_lines_become_metric_histories_at_their_step(store: str, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from components.training import DEV_METRIC, mlflow_curves
+
+    curves = mlflow_curves()
+    with tracking.stage_run("train", {}, params_path=tmp_path / "params.yaml", final=False) as run_id:
+        for step, logs in [(2, {"loss": "0.43", "learning_rate": 1e-5, "epoch": 0.1}),
+                           (4, {"loss": 0.21, "grad_norm": "6.1", "epoch": 0.2}),
+                           (4, {DEV_METRIC: 0.61, "eval_runtime": 1.0})]:
+            curves.on_log(None, SimpleNamespace(global_step=step), None, logs=logs)
+    client = MlflowClient(store)
+    history = {name: [(point.step, point.value) for point in client.get_metric_history(run_id, name)]
+               for name in ("train/loss", "train/learning_rate", "train/grad_norm", "dev/ndcg_at_10")}
+    assert history == {"train/loss": [(2, 0.43), (4, 0.21)], "train/learning_rate": [(2, 1e-5)],
+                       "train/grad_norm": [(4, 6.1)], "dev/ndcg_at_10": [(4, 0.61)]}

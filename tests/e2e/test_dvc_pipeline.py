@@ -99,7 +99,7 @@ def test_smoke_repro_logs_training_curves_system_metrics_and_datasets(smoke_proj
 
     client = MlflowClient(f"sqlite:///{smoke_project / 'mlflow.db'}")
     _, children = pipeline_runs(client)
-    curves = {"train": ("train/loss", "train/learning_rate", "dev/ndcg@10"),  # 24 steps, dev every 12
+    curves = {"train": ("train/loss", "train/learning_rate", "dev/ndcg_at_10"),  # 24 steps, dev every 12
               "distill": ("train/loss", "train/learning_rate")}  # fewer steps than its eval_steps on smoke data
     for stage, names in curves.items():
         for curve in names:

@@ -93,12 +93,12 @@ def test_mlflow_draws_the_train_runs_loss_curve(airflow_server: AirflowServer, t
     losses = client.get_metric_history(train.info.run_id, "train/loss")
     assert len(losses) >= 2 and len({point.step for point in losses}) == len(losses)
     with mlflow_ui(store, tmp_path) as url:
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page = browser.new_page(viewport={"width": 1400, "height": 1300})
         page.goto(f"{url}/#/experiments/{train.info.experiment_id}/runs/{train.info.run_id}/model-metrics",
                   timeout=UI_TIMEOUT_MS)
-        title = page.get_by_text("train/loss", exact=True).first
-        title.wait_for(timeout=UI_TIMEOUT_MS)
-        page.locator(".js-plotly-plot, canvas, svg.main-svg").first.wait_for(timeout=UI_TIMEOUT_MS)
+        legend = page.get_by_text("train (train/loss)", exact=True).first  # the loss chart's legend: run (metric)
+        legend.wait_for(timeout=UI_TIMEOUT_MS)
+        legend.scroll_into_view_if_needed()
         page.screenshot(path=str(screenshots / "mlflow_train_curves.png"))
         page.close()
 

@@ -1,0 +1,56 @@
+"""export: a model as ONNX with int8 weights encodes like the model, loads wherever a model does, and is
+served as the model it was exported from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.artifact_types import MODEL, model_fingerprint
+from components.artifacts import ArtifactError
+from components.embed import load_model
+from components.export import CHECK_TEXTS, OnnxTransformer, export_onnx, load_onnx, onnx_record
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("export") / "tiny-onnx"
+    export_onnx(str(tiny_model_dir), target)
+    return target
+
+
+def test_the_export_is_a_model_artifact_naming_its_source_with_float_and_int8_onnx_files(
+        exported: Path, tiny_model_dir: Path) -> None:
+    manifest = MODEL.read_manifest(exported)  # verifies every file
+    record = onnx_record(exported)
+    assert record["source_fingerprint"] == model_fingerprint(str(tiny_model_dir))
+    assert {"onnx/model.onnx", "onnx/model_qint8.onnx"} <= set(manifest.files)
+    assert record["bytes"]["qint8"] < record["bytes"]["float32"] / 2
+    assert record["min_cosine_to_source"]["float32"] > 0.9999
+
+
+@pytest.mark.parametrize(("variant", "floor"), [("float32", 0.9999), ("qint8", 0.98)])
+def test_the_onnx_runtime_model_encodes_like_the_torch_model(exported: Path, tiny_model_dir: Path, variant: str,
+                                                            floor: float) -> None:
+    texts = [*CHECK_TEXTS, "a longer passage " * 30]  # past the sample's lengths: dynamic axes
+    expected = load_model(str(tiny_model_dir)).encode(texts, normalize_embeddings=True, batch_size=3)
+    model = load_onnx(exported, load_model(str(tiny_model_dir)), variant)
+    got = model.encode(texts, normalize_embeddings=True, batch_size=3)
+    assert got.shape == expected.shape
+    assert np.min((got * expected).sum(axis=1)) > floor
+
+
+def test_load_model_runs_an_export_with_onnx_runtime_and_int8_weights(exported: Path) -> None:
+    model = load_model(str(exported))
+    assert isinstance(model[0].model, OnnxTransformer)
+    assert model[0].model.session.get_modelmeta() is not None
+    assert "qint8" in json.dumps(onnx_record(exported)["files"])
+
+
+def test_an_export_is_not_exported_again(exported: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="already an ONNX export"):
+        export_onnx(str(exported), tmp_path / "again")
+    assert not (tmp_path / "again").exists()
