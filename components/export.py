@@ -119,8 +119,14 @@ def export_onnx(reference: str, output: Path) -> dict[str, float]:
         shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
         (tmp / "onnx").mkdir()
         _export_transformer(model, tmp / ONNX_FILES["float32"])
-        quantize_dynamic(str(tmp / ONNX_FILES["float32"]), str(tmp / ONNX_FILES["qint8"]),
-                         weight_type=QuantType.QInt8, per_channel=True)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.WARNING)  # ONNX Runtime's quantizer logs a line per tensor on the root logger
+        try:
+            quantize_dynamic(str(tmp / ONNX_FILES["float32"]), str(tmp / ONNX_FILES["qint8"]),
+                             weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            root.setLevel(level)
         cosines = {}
         for variant in ONNX_FILES:
             exported = load_onnx(tmp, load_model(str(tmp)), variant)

@@ -2,15 +2,17 @@
 
 The candidate's score is its nDCG@10 at the operating point chosen by evaluate. It passes when it clears the
 absolute floor and, if a champion exists and was scored on the same test set, reaches the champion's score
-plus `min_gain_over_champion`. Every run registers a new version (sentence-transformers flavour) with its int8
-calibration, operating point and the gate's decision as artifacts; the `champion` alias moves only on a pass,
-`candidate` marks a version that did not pass. The decision and its reasons go to the run's metrics and log.
+plus `min_gain_over_champion`. Every run registers a new version (sentence-transformers flavour, with a
+signature and an input example) with its int8 calibration, operating point, the gate's decision and the
+student's ONNX export with int8 weights (`serving/onnx/`, see components/export.py) as artifacts; the
+`champion` alias moves only on a pass, `candidate` marks a version that did not pass. The decision and its reasons go to the run's metrics and log.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 STAGE = "register"
 CHAMPION, CANDIDATE = "champion", "candidate"
 SCORE_TAG, TEST_SET_TAG = "embedforge.ndcg_at_10", "embedforge.test_fingerprint"
+EXAMPLE_QUERIES = ["how do I mount an NFS share at boot", "compress files with xz"]  # the model's input example
 
 
 class RegisterConfig(StageConfig):
@@ -100,6 +103,7 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
     from mlflow.tracking import MlflowClient
 
     from components.embed import load_model
+    from components.export import export_onnx
 
     if mlflow.active_run() is None:
         raise ConfigError("register needs MLflow tracking (its model registry); run it without --no-tracking")
@@ -121,6 +125,8 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
     model = load_model(str(paths.student))
     info = mlflow.sentence_transformers.log_model(
         model, name="student", registered_model_name=config.model_name,
+        signature=mlflow.models.infer_signature(EXAMPLE_QUERIES, model.encode(EXAMPLE_QUERIES)),
+        input_example=EXAMPLE_QUERIES,
         pip_requirements=[f"{package}=={importlib.metadata.version(package)}"
                           for package in ("sentence-transformers", "transformers", "torch")],
         metadata={"operating_point": chosen, "student_fingerprint": student_fingerprint})
@@ -128,6 +134,9 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
     mlflow.log_artifact(str(calibration), artifact_path="serving")
     mlflow.log_artifact(str(evaluation.operating_point_path), artifact_path="serving")
     mlflow.log_dict(asdict(decision), "serving/gate_decision.json")
+    with tempfile.TemporaryDirectory(prefix="embedforge-onnx-") as scratch:
+        export_checks = export_onnx(str(paths.student), Path(scratch) / "student-onnx")
+        mlflow.log_artifacts(str(Path(scratch) / "student-onnx" / "onnx"), artifact_path="serving/onnx")
     tags = {TEST_SET_TAG: evaluation.manifest.inputs["beir"], "embedforge.gate": "passed" if decision.promote else "refused",
             "embedforge.gate_reasons": "; ".join(decision.reasons)}
     if chosen:
@@ -138,7 +147,8 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
     client.set_registered_model_alias(config.model_name, CHAMPION if decision.promote else CANDIDATE, version)
     log.info("gate %s: %s v%s is %s (%s)", "passed" if decision.promote else "refused", config.model_name, version,
              CHAMPION if decision.promote else CANDIDATE, "; ".join(decision.reasons))
-    metrics = {"gate/promoted": float(decision.promote), "registered_version": float(version)}
+    metrics = {"gate/promoted": float(decision.promote), "registered_version": float(version),
+               **{f"onnx/{name}": value for name, value in export_checks.items()}}
     if decision.candidate_ndcg_at_10 is not None:
         metrics["gate/candidate_ndcg@10"] = decision.candidate_ndcg_at_10
     if champion is not None:

@@ -79,11 +79,16 @@ def test_a_worse_student_is_registered_as_candidate_and_a_tie_replaces_the_champ
     assert "0.7500 < champion v1 0.8085" in candidate.tags["embedforge.gate_reasons"]
     assert json.loads((tmp_path / "worse.json").read_text())["gate/promoted"] == 0.0
     run_artifacts = {item.path for item in client.list_artifacts(candidate.run_id, "serving")}
-    assert run_artifacts == {"serving/calibration.json", "serving/operating_point.json", "serving/gate_decision.json"}
+    assert run_artifacts == {"serving/calibration.json", "serving/operating_point.json", "serving/gate_decision.json",
+                             "serving/onnx"}
+    assert {item.path for item in client.list_artifacts(candidate.run_id, "serving/onnx")} == {
+        "serving/onnx/model.onnx", "serving/onnx/model_qint8.onnx"}
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert mlflow.sentence_transformers.load_model("models:/test-student@champion").encode(["q"]).shape == (1, 32)
+    info = mlflow.models.get_model_info("models:/test-student@champion")
+    assert info.signature is not None and info.saved_input_example_info is not None
 
     tie = _register(retrieval_stack, _evaluation(retrieval_stack, tmp_path / "tie", champion_score), tmp_path)
     assert tie.returncode == 0, tie.stderr
