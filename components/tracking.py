@@ -4,8 +4,9 @@ Stages run as separate processes (under DVC, Kubeflow or Airflow), so the parent
 pipeline key: `EMBEDFORGE_PIPELINE_RUN` when an orchestrator sets it (its run id), otherwise a digest of the
 git commit and the params file, so one `dvc repro` gathers all its stages under one parent. The parent is
 RUNNING while stages run, FAILED when one fails, and FINISHED when the pipeline's last stage ends. Each stage
-run samples system metrics (CPU, memory, disk, network; GPU where `pynvml` is installed) and records its input
-and output artifacts as MLflow datasets, named after the artifact with its fingerprint as digest.
+run samples system metrics (CPU, memory, disk, network, and the GPU where there is one, through nvidia-ml-py)
+and records its input and output artifacts as MLflow datasets, named after the artifact with its fingerprint as
+digest.
 """
 
 from __future__ import annotations
