@@ -28,9 +28,8 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -52,35 +51,9 @@ from components.artifact_types import (  # noqa: E402
     write_quantized_model,
 )
 from components.data import BeirDataset, read_beir  # noqa: E402
+from components.embed import truncate  # noqa: E402
 from components.index import IndexConfig, build_indexes  # noqa: E402
-
-BIN = Path(sys.executable).parent
-
-
-@contextmanager
-def serving(arguments: list[str], log: Path, port: int) -> Iterator[float]:
-    """An `embedforge serve` process; yields its start-up seconds once /healthz answers, stops it after."""
-    import subprocess
-
-    started = time.perf_counter()
-    with log.open("wb") as output:
-        process = subprocess.Popen([str(BIN / "embedforge"), "serve", "--port", str(port), *arguments],
-                                   stdout=output, stderr=subprocess.STDOUT)
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"embedforge serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                connection.request("GET", "/healthz")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        yield time.perf_counter() - started
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+from tests.servers import running_serve  # noqa: E402
 
 
 def drive(port: int, queries: list[str], clients: int, per_client: int) -> dict[str, float]:
@@ -116,9 +89,15 @@ def drive(port: int, queries: list[str], clients: int, per_client: int) -> dict[
 
 def measure(label: str, arguments: list[str], queries: list[str], args: argparse.Namespace,
             scratch: Path) -> list[dict[str, Any]]:
-    port = args.port
+    """One `embedforge serve` process (the tests' launcher: a free port, stopped after), driven at each client
+    count; its log goes to a folder of its own in `scratch`."""
+    workdir = scratch / label.replace(" ", "_").replace(",", "")
+    workdir.mkdir()
     rows = []
-    with serving(arguments, scratch / f"serve-{label.replace(' ', '_')}.log", port) as startup:
+    started = time.perf_counter()
+    with running_serve(arguments, workdir, {}) as url:
+        startup = time.perf_counter() - started
+        port = int(url.rsplit(":", 1)[1])
         drive(port, queries, 1, 20)  # warm-up: first requests pay for lazy imports and page faults
         for clients in args.clients:
             row = {"corpus": label, "startup_s": startup, **drive(port, queries, clients, args.requests)}
@@ -128,7 +107,7 @@ def measure(label: str, arguments: list[str], queries: list[str], args: argparse
     return rows
 
 
-def synthesised_artifacts(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path, Path, Path]:
+def synthesised_artifacts(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path, Path]:
     """quantize, index, BEIR and evaluation artifacts of `size` documents grown from the run's student vectors;
     the operating point keeps the run's settings (model, dims, rescoring)."""
     real = read_quantized(args.quantized)
@@ -146,8 +125,8 @@ def synthesised_artifacts(args: argparse.Namespace, scratch: Path) -> tuple[Path
     write_beir_artifact(beir, BeirDataset(corpus, dataset.queries, dataset.qrels),
                         Provenance("bench/serve.py", "synthesised", {"grown_from": real.manifest.fingerprint}))
     calibration = json.loads(real.calibration_path(model).read_text())
-    ranges = np.array([calibration["dims"][str(dim)]["min"], calibration["dims"][str(dim)]["max"]], dtype=np.float32)
-    prefix = vectors[:, :dim] / np.linalg.norm(vectors[:, :dim], axis=1, keepdims=True)
+    ranges = real.ranges(model, dim)
+    prefix = truncate(vectors, dim)
     quantized = scratch / "quantized"
     record = dict(real.models[model], dims=[dim])
     with QUANTIZED.publish(quantized, Provenance("bench/serve.py", "synthesised", {
@@ -160,7 +139,7 @@ def synthesised_artifacts(args: argparse.Namespace, scratch: Path) -> tuple[Path
         meta["extra"] = {"models": {model: record}, "dtype": "float32"}
     index = scratch / "index"
     build_indexes(IndexConfig(types=[point["chosen"]["index"], "binary_ivf"], models=[model]), quantized, index)
-    return quantized, index, beir, scratch / "evaluation"
+    return quantized, index, beir
 
 
 def with_index(point: dict[str, Any], index: str, path: Path, inputs: dict[str, str]) -> Path:
@@ -191,21 +170,23 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients")
     parser.add_argument("--requests", type=int, default=200, help="requests per client")
     parser.add_argument("--size", type=int, default=1_000_000, help="synthesised corpus size (0: skip)")
-    parser.add_argument("--port", type=int, default=8765, help="port the served process binds on 127.0.0.1")
     args = parser.parse_args()
+    for name in ("evaluation", "index", "quantized", "beir"):  # the service runs in a scratch folder of its own
+        setattr(args, name, getattr(args, name).resolve())
+    if Path(args.model).exists():
+        args.model = str(Path(args.model).resolve())
 
     queries = list(read_beir(args.beir).queries.values())
     print(f"machine: {os.cpu_count()} cores; queries: {len(queries)} real test queries, one per request\n",
           flush=True)
     paths = ["--model", args.model, "--index", str(args.index), "--quantized", str(args.quantized),
              "--beir", str(args.beir)]
-    rows = measure("test corpus", [*paths, "--evaluation", str(args.evaluation)], queries, args,
-                   Path(tempfile.gettempdir()))
-    if args.size:
-        with tempfile.TemporaryDirectory(prefix="serve-bench-") as folder:
-            scratch = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as folder:
+        scratch = Path(folder)
+        rows = measure("test corpus", [*paths, "--evaluation", str(args.evaluation)], queries, args, scratch)
+        if args.size:
             built = time.perf_counter()
-            quantized, index, beir, _ = synthesised_artifacts(args, scratch)
+            quantized, index, beir = synthesised_artifacts(args, scratch)
             print(f"synthesised {args.size} documents in {time.perf_counter() - built:.0f}s", flush=True)
             point = read_evaluation(args.evaluation).operating_point
             inputs = {"beir": BEIR.read_manifest(beir).fingerprint, "index": INDEXES.read_manifest(index).fingerprint}

@@ -79,6 +79,11 @@ class EvaluateConfig(StageConfig):
         10.0, gt=0, description="Operating-point budget: single-query p99 latency in ms; null = no limit.")
 
 
+def configuration_name(index: str, rescored: bool) -> str:
+    """An index as evaluate scored it: `binary_flat_rescore` is binary search re-ranked by float vectors."""
+    return f"{index}_rescore" if rescored else index
+
+
 @dataclass(frozen=True)
 class GridRow:
     """One model x dim x index (x rescoring) measurement."""
@@ -98,7 +103,7 @@ class GridRow:
 
     @property
     def config(self) -> str:
-        return f"{self.index}_rescore" if self.rescored else self.index
+        return configuration_name(self.index, self.rescored)
 
     @property
     def key(self) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from components.artifact_types import MODEL, Provenance, model_fingerprint
-from components.artifacts import ArtifactError
+from components.artifacts import MANIFEST, ArtifactError
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -61,9 +61,7 @@ class OnnxTransformer(torch.nn.Module):
 
 def onnx_record(path: Path) -> dict[str, Any] | None:
     """What `export` recorded in a model artifact's manifest, or None for a plain model directory."""
-    from components import artifacts
-
-    if not (path / artifacts.MANIFEST).is_file():
+    if not (path / MANIFEST).is_file():
         return None
     return MODEL.read_manifest(path, verify=False).extra.get("onnx")
 
@@ -114,7 +112,8 @@ def export_onnx(reference: str, output: Path) -> dict[str, float]:
         raise ArtifactError(f"{reference}: already an ONNX export; export the model it came from")
     model = load_model(reference)
     expected = model.encode(CHECK_TEXTS, normalize_embeddings=True)
-    provenance = Provenance("export", "onnx", {"model": model_fingerprint(reference)})
+    source_fingerprint = model_fingerprint(reference)  # verifies every file of a model artifact: once
+    provenance = Provenance("export", "onnx", {"model": source_fingerprint})
     with MODEL.publish(output, provenance) as (tmp, meta):
         shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
         (tmp / "onnx").mkdir()
@@ -137,7 +136,7 @@ def export_onnx(reference: str, output: Path) -> dict[str, float]:
                                     f"{cosines[variant]:.4f} < {MIN_CHECK_COSINE}); nothing was published")
         sizes = {variant: (tmp / file).stat().st_size for variant, file in ONNX_FILES.items()}
         meta["counts"] = {"dim": model.get_embedding_dimension()}
-        meta["extra"] = {"onnx": {"source": reference, "source_fingerprint": model_fingerprint(reference),
+        meta["extra"] = {"onnx": {"source": reference, "source_fingerprint": source_fingerprint,
                                   "files": ONNX_FILES, "opset": OPSET, "bytes": sizes,
                                   "min_cosine_to_source": cosines, "quantization": "dynamic, int8 weights per "
                                   "output channel, activations quantized at run time"}}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +39,14 @@ from components.artifact_types import (
 from components.artifacts import ArtifactError
 from components.data import DataError, read_beir
 from components.embed import truncate
-from components.evaluate import EvaluateConfig, Searcher, check_same_corpus, make_searcher, rescore_store
+from components.evaluate import (
+    EvaluateConfig,
+    Searcher,
+    check_same_corpus,
+    configuration_name,
+    make_searcher,
+    rescore_store,
+)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -92,7 +100,7 @@ class OperatingPoint:
 
     @property
     def name(self) -> str:
-        return f"{self.model}/d{self.dim}/{self.index}{'_rescore' if self.rescored else ''}"
+        return f"{self.model}/d{self.dim}/{configuration_name(self.index, self.rescored)}"
 
     def search_config(self) -> EvaluateConfig:
         return EvaluateConfig(top_k=self.top_k, rescore_multiplier=self.rescore_multiplier,
@@ -117,6 +125,7 @@ class ModelSource:
     fingerprint: str
     registered_point: dict[str, Any] | None = None
     backend: str = "torch"  # or "onnx-qint8": an `embedforge export` of the model with that fingerprint
+    download: Path | None = None  # a registered version's local copy, removed once loaded
 
 
 class Retriever:
@@ -193,7 +202,7 @@ def locate_registered(uri: str) -> ModelSource:
         raise ArtifactError(f"{uri}: version {version.version} records no student_fingerprint; register it again "
                             f"with `embedforge register`")
     return ModelSource(pinned, str(local / SENTENCE_TRANSFORMERS_DATA_PATH), fingerprint,
-                       json.loads(point_file.read_text()))
+                       json.loads(point_file.read_text()), download=scratch)
 
 
 def locate_model(reference: str) -> ModelSource:
@@ -214,10 +223,22 @@ def open_retriever(model_reference: str, *, evaluation: Path, index: Path, quant
     """Check that everything belongs together, then load it: the model is the one the quantize artifact
     embedded for the operating point, the index was built from that artifact, and the corpus is the one it
     embedded. Nothing heavy loads before the checks pass."""
-    from components.embed import load_model
-
     started = time.perf_counter()
     source = locate_model(model_reference)
+    try:
+        retriever = _checked_retriever(source, evaluation=evaluation, index=index, quantized=quantized, beir=beir)
+    finally:
+        if source.download is not None:  # loaded into memory, or refused: the local copy is not needed again
+            shutil.rmtree(source.download, ignore_errors=True)
+    log.info("search: %s, %d passages, operating point %s (nDCG@10 %.4f), ready in %.1fs", source.reference,
+             len(retriever.doc_ids), retriever.point.name, retriever.point.ndcg_at_10, time.perf_counter() - started)
+    return retriever
+
+
+def _checked_retriever(source: ModelSource, *, evaluation: Path, index: Path, quantized: Path,
+                       beir: Path) -> Retriever:
+    from components.embed import load_model
+
     if source.registered_point is not None:
         point = OperatingPoint.from_record(source.registered_point, f"{source.reference} serving/operating_point.json")
     else:
@@ -247,8 +268,6 @@ def open_retriever(model_reference: str, *, evaluation: Path, index: Path, quant
     corpus = read_beir(beir).corpus
     version = {"model": source.reference, "model_fingerprint": source.fingerprint, "model_backend": source.backend,
                "index": indexes.manifest.fingerprint, "operating_point": point.name}
-    log.info("search: %s, %d passages, operating point %s (nDCG@10 %.4f), ready in %.1fs", source.reference,
-             record.vectors, point.name, point.ndcg_at_10, time.perf_counter() - started)
     return Retriever(model, point, faiss_index, searcher, quantized_corpus.doc_ids, corpus, version)
 
 

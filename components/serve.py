@@ -108,15 +108,11 @@ class Batcher:
                 for job in batch:
                     job.done.set_exception(exc)
                 continue
-            start = search_start = 0
+            start, found = 0, iter(hits)  # hits hold the searched jobs' rows, in batch order
             for job in batch:
                 end = start + len(job.texts)
-                if job.k is None:
-                    job.done.set_result(vectors[start:end])
-                else:
-                    found = hits[search_start:search_start + len(job.texts)]
-                    job.done.set_result([row[:job.k] for row in found])
-                    search_start += len(job.texts)
+                job.done.set_result(vectors[start:end] if job.k is None
+                                    else [next(found)[:job.k] for _ in job.texts])
                 start = end
 
 
@@ -127,6 +123,7 @@ class SearchRequest(BaseModel):
 
 class EmbedRequest(BaseModel):
     texts: list[str] = Field(description=f"1 to {MAX_BATCH} texts of at most {MAX_QUERY_CHARS} characters")
+
 
 MAX_BODY_BYTES = 4 * MAX_BATCH * MAX_QUERY_CHARS + 4096  # the largest valid batch, 4 UTF-8 bytes a character
 
