@@ -37,8 +37,9 @@ from pydantic import Field, field_validator
 
 from components.artifact_types import MODEL, Provenance, read_curated, read_mined, write_model
 from components.config import ConfigError, StageConfig, params_digest
-from components.training import (accelerator_metrics, data_shard_metrics, dev_evaluator, mlflow_curves,
-                                  publish_from_rank_zero, run_training_stage, start_checkpoints, training_arguments)
+from components.training import (TRAINER_HELP, accelerator_metrics, data_shard_metrics, dev_evaluator, fit_bucketed,
+                                  mlflow_curves, publish_from_rank_zero, run_training_stage, start_checkpoints,
+                                  training_arguments)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -51,6 +52,7 @@ STAGE = "distill"
 class DistillConfig(StageConfig):
     """The `distill` params; params.yaml's base section equals these defaults (test_params_defaults.py)."""
 
+    trainer: Literal["sentence_transformers", "bucketed"] = Field("sentence_transformers", description=TRAINER_HELP)
     layers: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: [0, 4, 5], min_length=1,
         description="Teacher layers the student keeps (ascending; keep the last: bench/student_layers.py).")
@@ -164,8 +166,6 @@ def make_student(
 
 def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     """Build, train and publish the student; returns flat metrics."""
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer import losses
 
     from components.embed import encode, load_model
@@ -187,39 +187,55 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     rotation = principal_axes(targets.vectors) if config.pca_rotation else None
     target_vectors = targets.vectors if rotation is None else targets.vectors @ rotation
     student = make_student(teacher, config.layers, rotation)
-    datasets = {"distill": Dataset.from_dict({"text": texts, "label": target_vectors.tolist()})}
+    tables = {"distill": pd.DataFrame({"text": texts})}
     objectives = {"distill": losses.MatryoshkaLoss(
         student, losses.EmbedDistillLoss(student, distance_metric="cosine"), config.matryoshka_dims)}
     if config.contrastive_weight > 0:
         triplets = mined
         if config.contrastive_pairs is not None and len(mined) > config.contrastive_pairs:
             triplets = mined.sample(n=config.contrastive_pairs, random_state=config.seed)
-        datasets["contrastive"] = Dataset.from_dict(
-            {"anchor": triplets["query"].tolist(), "positive": triplets["positive"].tolist(),
-             "negative": triplets["negative_1"].tolist()})
+        tables["contrastive"] = pd.DataFrame({"anchor": triplets["query"].tolist(),
+                                              "positive": triplets["positive"].tolist(),
+                                              "negative": triplets["negative_1"].tolist()})
         objectives["contrastive"] = losses.MatryoshkaLoss(
             student, losses.MultipleNegativesRankingLoss(student), config.matryoshka_dims,
             matryoshka_weights=[config.contrastive_weight] * len(config.matryoshka_dims))
-    inputs = [teacher_manifest.fingerprint, mined_manifest.fingerprint, curated_manifest.fingerprint]
-    arguments = training_arguments(config, paths.checkpoints)  # sets up the process group under torchrun
-    resume_from = start_checkpoints(paths.checkpoints, ":".join([params_digest(config), *inputs]))
-    trainer = SentenceTransformerTrainer(model=student, args=arguments, train_dataset=datasets, loss=objectives,
-                                         evaluator=evaluator, callbacks=[mlflow_curves()])
-    shards = data_shard_metrics(trainer)
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    if config.trainer == "bucketed":
+        from components.bucketed import objective
+
+        fitted = fit_bucketed(student, {name: objective(student, loss, tables[name],
+                                                        labels=target_vectors if name == "distill" else None)
+                                        for name, loss in objectives.items()}, config, evaluator)
+        steps, training_loss, examples_per_s, resumed, shards = (fitted.steps, fitted.training_loss,
+                                                                 fitted.examples_per_s, None, {})
+    else:
+        from datasets import Dataset
+        from sentence_transformers import SentenceTransformerTrainer
+
+        datasets = {name: Dataset.from_pandas(table, preserve_index=False) for name, table in tables.items()}
+        datasets["distill"] = datasets["distill"].add_column("label", target_vectors.tolist())
+        inputs = [teacher_manifest.fingerprint, mined_manifest.fingerprint, curated_manifest.fingerprint]
+        arguments = training_arguments(config, paths.checkpoints)  # sets up the process group under torchrun
+        resumed = start_checkpoints(paths.checkpoints, ":".join([params_digest(config), *inputs]))
+        trainer = SentenceTransformerTrainer(model=student, args=arguments, train_dataset=datasets, loss=objectives,
+                                             evaluator=evaluator, callbacks=[mlflow_curves()])
+        shards = data_shard_metrics(trainer)
+        output = trainer.train(resume_from_checkpoint=resumed)
+        steps, training_loss = trainer.state.global_step, output.training_loss
+        examples_per_s = output.metrics.get("train_samples_per_second", 0.0)
     student.max_seq_length = config.serve_max_seq_length
     student_dev = evaluator(student)["dev_cosine_ndcg@10"]
     metrics = {
         "student_layers": len(config.layers),
         "distill_texts": len(texts),
-        "steps": trainer.state.global_step,
-        "train_loss": output.training_loss,
+        "steps": steps,
+        "train_loss": training_loss,
         "teacher_dev_ndcg@10": teacher_dev,
         "student_dev_ndcg@10": student_dev,
         "student_to_teacher_dev": student_dev / teacher_dev if teacher_dev else 0.0,
         "teacher_encode_per_s": targets.per_second,
-        "examples_per_s": output.metrics.get("train_samples_per_second", 0.0),
-        "resumed": float(resume_from is not None),
+        "examples_per_s": examples_per_s,
+        "resumed": float(resumed is not None),
         **prefix_variance_shares(target_vectors, config.matryoshka_dims),
         **shards,
         **accelerator_metrics(),

@@ -113,20 +113,49 @@ class Encoded:
 
 
 def encode(model: SentenceTransformer, texts: list[str], *, batch_size: int, label: str) -> Encoded:
-    """Encode with a progress bar; returns unit-length float32 vectors and the wall time spent."""
+    """Encode into unit-length float32 vectors and the wall time spent: on a GPU with batches prepared on a
+    background thread (`encode_pipelined`), on a CPU with sentence-transformers' `encode` and a progress bar."""
     started = time.perf_counter()
-    vectors = model.encode(
-        texts,
-        batch_size=batch_size,
-        convert_to_numpy=True,
-        normalize_embeddings=True,
-        show_progress_bar=len(texts) > 10 * batch_size,
-    )
-    vectors = np.asarray(vectors, dtype=np.float32)
+    if model.device.type == "cuda":
+        vectors = encode_pipelined(model, texts, batch_size=batch_size)
+    else:
+        vectors = np.asarray(model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
+                                          normalize_embeddings=True, show_progress_bar=len(texts) > 10 * batch_size),
+                             dtype=np.float32)
     seconds = time.perf_counter() - started
     result = Encoded(vectors=vectors, seconds=seconds)
     log.info("encoded %d %s in %.1fs (%.0f texts/s)", len(texts), label, seconds, result.per_second)
     return result
+
+
+def encode_pipelined(model: SentenceTransformer, texts: list[str], *, batch_size: int) -> np.ndarray:
+    """Unit-length float32 vectors, the longest texts first so that each batch pads little, each batch tokenised
+    and padded on a background thread while the device encodes the one before, and the vectors kept on the
+    device until the end. sentence-transformers' `encode` prepares each batch in the main thread at 4.5 times
+    this cost per text (`components.bucketed.tokenize`). Same vectors as `encode` up to float rounding."""
+    import torch
+
+    from components.bucketed import pad, prefetched, tokenize
+
+    dim = model.get_embedding_dimension()
+    if not texts:
+        return np.empty((0, dim), dtype=np.float32)
+    order = np.argsort([-len(text) for text in texts], kind="stable")
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    pin = model.device.type == "cuda"
+    pad_id = model.tokenizer.pad_token_id or 0
+
+    def prepare(batch: np.ndarray) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        return batch, pad(tokenize(model, [texts[i] for i in batch]), pad_id, pin=pin)
+
+    vectors = torch.empty((len(texts), dim), dtype=torch.float32, device=model.device)
+    model.eval()
+    with torch.inference_mode():
+        for batch, features in prefetched(batches, prepare):
+            features = {key: value.to(model.device, non_blocking=True) for key, value in features.items()}
+            embeddings = model(features)["sentence_embedding"].float()
+            vectors[torch.from_numpy(batch).to(model.device)] = torch.nn.functional.normalize(embeddings, dim=-1)
+    return vectors.cpu().numpy()
 
 
 def encode_fixed_batches(model: SentenceTransformer, batches: list[list[str]], *, label: str) -> Encoded:

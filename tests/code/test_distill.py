@@ -168,3 +168,19 @@ def test_a_killed_distillation_resumes_from_its_checkpoint_to_the_same_student_a
     resumed_vectors = load_model(str(tmp_path / "student")).encode(texts)
     uninterrupted_vectors = load_model(str(tmp_path / "uninterrupted")).encode(texts)
     assert np.abs(resumed_vectors - uninterrupted_vectors).max() < 1e-4
+
+
+def test_the_bucketed_trainer_distils_a_matryoshka_student(
+    tmp_path: Path, tiny_teacher_dir: Path, training_inputs: tuple[Path, Path]
+) -> None:
+    curated, mined = training_inputs
+    config = DistillConfig(trainer="bucketed", layers=[0, 2], matryoshka_dims=[32, 16, 8], batch_size=16,
+                           max_seq_length=32, eval_steps=8, dev_queries=16, dev_corpus=32, learning_rate=1e-3)
+    paths = DistillPaths(teacher=tiny_teacher_dir, mined=mined, curated=curated, output=tmp_path / "student",
+                         checkpoints=tmp_path / "ckpt")
+    metrics = distill(config, paths)
+    assert metrics["student_layers"] == 2 and metrics["steps"] > 0 and metrics["examples_per_s"] > 0
+    assert metrics["student_dev_ndcg@10"] > 0
+    manifest = read_manifest(paths.output, kind="sentence_transformer", schema_version=1)
+    assert manifest.counts == {"layers": 2, "dim": 32}
+    assert json.loads((paths.output / MATRYOSHKA_FILE).read_text()) == {"matryoshka_dims": [32, 16, 8]}

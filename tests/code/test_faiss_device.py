@@ -172,3 +172,42 @@ def test_candidate_search_is_exact_up_to_its_threshold_and_ivf_with_measured_rec
     assert approximate.recall >= 0.9 and abs(approximate.recall - full) < 0.03
     fewer = candidate_search(base, queries, 50, exact_up_to=10000, nprobe=2, recall_sample=100, seed=0)
     assert fewer.recall < approximate.recall  # the recall reported follows what the search really found
+
+
+def test_torch_search_ranks_as_faiss_flat_search_does(unit_vectors: np.ndarray) -> None:
+    from components.faiss_device import torch_inner_product_search
+
+    queries = unit_vectors[:40] + 0.01
+    expected_scores, expected_positions = inner_product_search(unit_vectors, queries, 10)
+    scores, positions = torch_inner_product_search(unit_vectors, queries, 10, device="cpu")
+    assert np.array_equal(positions, expected_positions)
+    assert np.allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_torch_search_pads_with_minus_one_where_fewer_rows_than_k(unit_vectors: np.ndarray) -> None:
+    from components.faiss_device import torch_inner_product_search
+
+    scores, positions = torch_inner_product_search(unit_vectors[:3], unit_vectors[:2], 5, device="cpu")
+    assert (positions[:, 3:] == -1).all() and sorted(positions[0, :3].tolist()) == [0, 1, 2]
+    assert np.isneginf(scores[:, 3:]).all()
+
+
+def test_exact_search_uses_torch_on_a_cuda_machine_whose_faiss_has_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from components.faiss_device import exact_search_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert exact_search_device() == "torch-gpu"
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    assert exact_search_device() == "cpu"
+
+
+def test_exact_search_stays_on_the_cpu_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from components.faiss_device import exact_search_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    assert exact_search_device() == "cpu"

@@ -113,3 +113,19 @@ def test_a_killed_training_run_resumes_from_its_checkpoint_to_the_same_model_as_
     resumed_vectors = load_model(str(tmp_path / "teacher")).encode(texts)
     uninterrupted_vectors = load_model(str(tmp_path / "uninterrupted")).encode(texts)
     assert np.abs(resumed_vectors - uninterrupted_vectors).max() < 1e-4
+
+
+def test_the_bucketed_trainer_learns_and_publishes_the_teacher_with_its_curve(
+    tmp_path: Path, tiny_model_dir: Path, training_inputs: tuple[Path, Path]
+) -> None:
+    curated, mined = training_inputs
+    paths = TrainPaths(mined=mined, curated=curated, output=tmp_path / "teacher", checkpoints=tmp_path / "ckpt")
+    result = train(_tiny_config(tiny_model_dir, trainer="bucketed", hard_negatives=2), paths)
+    assert result.metrics["loss_end"] < result.metrics["loss_start"]
+    assert result.metrics["dev_ndcg@10_best"] >= result.metrics["dev_ndcg@10_before"]
+    assert result.metrics["steps"] <= 4 * (_train_rows(mined) // 16)  # repeated texts can cost a batch
+    assert result.metrics["pairs_per_s"] > 0 and result.metrics["resumed"] == 0.0
+    assert [step for step, _ in result.loss_history] == sorted(step for step, _ in result.loss_history)
+    manifest = read_manifest(paths.output, kind="sentence_transformer", schema_version=1)
+    assert manifest.counts == {"layers": 2, "dim": 32}
+    assert load_model(str(paths.output)).max_seq_length == 128  # published at the base model's length
