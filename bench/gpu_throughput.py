@@ -267,6 +267,8 @@ def run(out: Path, packed: Path, quick: bool, skip_encode: bool = False, host_on
     import torch
     from sentence_transformers.sentence_transformer import losses
 
+    from components.bucketed import Schedule as LoopSchedule
+    from components.bucketed import fit, objective, pad
     from components.distill import DistillConfig, DistillPaths, distill
     from components.embed import encode, encode_pipelined, load_model
     from components.evaluate import EvaluateConfig, evaluate_models
@@ -353,6 +355,19 @@ def run(out: Path, packed: Path, quick: bool, skip_encode: bool = False, host_on
                 record[f"{name}_peak_share"] = record[f"{name}_tflops"] / BF16_PEAK_TFLOPS
         del model
 
+    # 3b. The bucketed loop alone, model loading and tokenising outside the sampled window: the loop's own GPU
+    # utilisation.
+    for batch_size in (256, 1024):
+        model = load_model(base, max_seq_length=128)
+        frame = training_frame(read_mined(mined_dir).pairs, train_config(max_train_pairs=pairs_after * 2))
+        task = objective(model, losses.MultipleNegativesRankingLoss(model), frame)
+        schedule = LoopSchedule(epochs=1, batch_size=16 if quick else batch_size, learning_rate=5e-5,
+                                warmup_ratio=0.1, eval_steps=10**6, seed=42)
+        with results.phase(f"train_loop_only_b{batch_size}") as record:
+            fitted = fit(model, {"train": task}, schedule)
+            record.update({"pairs_per_s": fitted.examples_per_s, "steps": fitted.steps})
+        del model, task
+
     # 4. Quality at speed: the faster recipe's teacher and student on the profile's full data.
     teacher_dir, student_dir = work / "teacher", work / "student"
     with results.phase("teacher_full_bucketed") as record:
@@ -368,10 +383,12 @@ def run(out: Path, packed: Path, quick: bool, skip_encode: bool = False, host_on
                           "dev_corpus": 40, "epochs": 1, "eval_steps": 4}
         record.update(distill(distill_config(**overrides),
                               DistillPaths(teacher_dir, mined_dir, curated_dir, student_dir, work / "student-ckpt")))
-    for name, trainer in (("distill_before_st", "sentence_transformers"), ("distill_after_bucketed", "bucketed")):
+    for name, trainer, batch_size in (("distill_before_st", "sentence_transformers", 256),
+                                      ("distill_after_bucketed", "bucketed", 256),
+                                      ("distill_after_bucketed_b1024", "bucketed", 1024)):
         with results.phase(name) as record:  # the same data each way: 20,000 texts and 8,000 triplets, 1 epoch
             overrides = {"trainer": trainer, "distill_texts": int(20_000 * scale) or 64,
-                         "contrastive_pairs": int(8_000 * scale) or 32, "epochs": 1}
+                         "contrastive_pairs": int(8_000 * scale) or 32, "epochs": 1, "batch_size": batch_size}
             if quick:
                 overrides |= {"batch_size": 16, "dev_queries": 20, "dev_corpus": 40}
             metrics = distill(distill_config(**overrides),
@@ -399,7 +416,6 @@ def run(out: Path, packed: Path, quick: bool, skip_encode: bool = False, host_on
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        from components.bucketed import objective, pad
         task = objective(model, losses.MultipleNegativesRankingLoss(model), batch)
         pad_id = model.tokenizer.pad_token_id or 0
         rows = np.arange(len(batch))

@@ -209,11 +209,14 @@ MATRYOSHKA_FILE = "embedforge_matryoshka.json"
 
 
 def write_model(model: SentenceTransformer, target: Path, provenance: Provenance, *, metrics: dict[str, float],
-                extra: dict[str, object], matryoshka_dims: list[int] | None = None) -> None:
+                extra: dict[str, object], matryoshka_dims: list[int] | None = None, card: str | None = None) -> None:
     """Save a model in sentence-transformers format (safetensors) as an atomically published artifact; a
-    Matryoshka model records its nested dims beside it (what quantize's `dims: null` means)."""
+    Matryoshka model records its nested dims beside it (what quantize's `dims: null` means); `card` replaces
+    the generic README.md model card sentence-transformers writes (components/model_card.py)."""
     with MODEL.publish(target, provenance) as (tmp, meta):
         model.save(str(tmp), safe_serialization=True)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         if matryoshka_dims is not None:
             (tmp / MATRYOSHKA_FILE).write_text(json.dumps({"matryoshka_dims": matryoshka_dims}))
         meta["counts"] = {"layers": model[0].auto_model.config.num_hidden_layers,

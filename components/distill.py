@@ -37,6 +37,8 @@ from pydantic import Field, field_validator
 
 from components.artifact_types import MODEL, Provenance, read_curated, read_mined, write_model
 from components.config import ConfigError, StageConfig, params_digest
+from components.model_card import TrainingFacts, training_card
+from components.tracking import git_code_state
 from components.training import (TRAINER_HELP, accelerator_metrics, data_shard_metrics, dev_evaluator, fit_bucketed,
                                   mlflow_curves, publish_from_rank_zero, run_training_stage, start_checkpoints,
                                   training_arguments)
@@ -243,11 +245,19 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     }
     provenance = Provenance(STAGE, params_digest(config), {"teacher": teacher_manifest.fingerprint,
                                                            "mined": mined_manifest.fingerprint})
+    card = training_card(TrainingFacts(
+        role="student", started_from=f"the teacher at {paths.teacher}, layers {config.layers}",
+        data={"raw snapshot": curated_manifest.inputs.get("raw_pairs", "unknown"),
+              "curated pairs": curated_manifest.fingerprint, "mined pairs": mined_manifest.fingerprint,
+              "teacher": teacher_manifest.fingerprint},
+        settings=config.model_dump(mode="json"), metrics=metrics, layers=len(config.layers),
+        dim=student.get_embedding_dimension(), max_seq_length=config.serve_max_seq_length,
+        matryoshka_dims=config.matryoshka_dims, commit=git_code_state()))
     publish_from_rank_zero(paths.checkpoints, partial(
         write_model, student, paths.output, provenance, metrics=metrics,
         extra={"layers_from_teacher": config.layers, "matryoshka_dims": config.matryoshka_dims,
                "pca_rotation": config.pca_rotation},
-        matryoshka_dims=config.matryoshka_dims))
+        matryoshka_dims=config.matryoshka_dims, card=card))
     log.info("distill: %d-layer student, dev nDCG@10 %.4f (teacher %.4f) in %.0fs", len(config.layers), student_dev,
              teacher_dev, metrics["seconds"])
     return metrics

@@ -4,13 +4,15 @@ The candidate's score is its nDCG@10 at the operating point chosen by evaluate. 
 absolute floor and, if a champion exists and was scored on the same test set, reaches the champion's score
 plus `min_gain_over_champion`. Every run registers a new version (sentence-transformers flavour, with a
 signature and an input example) with its int8 calibration, operating point, the gate's decision and the
-student's ONNX export with int8 weights (`serving/onnx/`, see components/export.py) as artifacts; the
+student's ONNX export with int8 weights (`serving/onnx/`, see components/export.py) and its model card with the
+test table and operating point (`serving/README.md`, also the version's description) as artifacts; the
 `champion` alias moves only on a pass, `candidate` marks a version that did not pass. The decision and its reasons go to the run's metrics and log.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import tempfile
 from dataclasses import asdict, dataclass
@@ -21,6 +23,7 @@ from pydantic import Field
 from components.artifact_types import EVALUATION, model_fingerprint, read_evaluation, read_quantized
 from components.artifacts import ArtifactError
 from components.config import ConfigError, StageConfig
+from components.model_card import CARD_FILE, registry_card
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +145,12 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
     if chosen:
         tags |= {SCORE_TAG: repr(float(chosen["ndcg_at_10"])),  # exact: the next gate compares against it
                  "embedforge.operating_point": f"d{chosen['dim']}/{chosen['index']}{'_rescore' if chosen['rescored'] else ''}"}
+    student_card = paths.student / CARD_FILE
+    card = registry_card(student_card.read_text(encoding="utf-8") if student_card.is_file() else "",
+                         json.loads((evaluation.operating_point_path.parent / "grid.json").read_text()), point,
+                         asdict(decision), version)
+    mlflow.log_text(card, "serving/README.md")
+    client.update_model_version(config.model_name, version, description=card)
     for key, value in tags.items():
         client.set_model_version_tag(config.model_name, version, key, value)
     client.set_registered_model_alias(config.model_name, CHAMPION if decision.promote else CANDIDATE, version)

@@ -99,6 +99,18 @@ def git_commit() -> str:
     return result.stdout.strip()
 
 
+def git_code_state() -> str:
+    """The commit, marked when tracked files differ from it: a `dvc repro` usually runs before the commit that
+    records its outputs, so a model made from uncommitted code says so."""
+    commit = git_commit()
+    try:
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return commit
+    return f"{commit} + uncommitted changes" if changes else commit
+
+
 PIPELINE_RUN_ENV = "EMBEDFORGE_PIPELINE_RUN"  # an orchestrator's run id: the key of its MLflow parent run
 
 

@@ -24,6 +24,8 @@ from pydantic import Field
 
 from components.artifact_types import Provenance, read_curated, read_mined, write_model
 from components.config import ConfigError, StageConfig, params_digest
+from components.model_card import TrainingFacts, training_card
+from components.tracking import git_code_state
 from components.training import (TRAINER_HELP, accelerator_metrics, data_shard_metrics, dev_evaluator, fit_bucketed,
                                   mlflow_curves, publish_from_rank_zero, run_training_stage, start_checkpoints,
                                   training_arguments)
@@ -179,8 +181,15 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
     model.max_seq_length = serving_length
     provenance = Provenance(STAGE, digest, {"mined": mined_manifest.fingerprint,
                                             "curated": curated_manifest.fingerprint})
+    card = training_card(TrainingFacts(
+        role="teacher", started_from=config.base_model,
+        data={"raw snapshot": curated_manifest.inputs.get("raw_pairs", "unknown"),
+              "curated pairs": curated_manifest.fingerprint, "mined pairs": mined_manifest.fingerprint},
+        settings=config.model_dump(mode="json"), metrics=metrics, layers=model[0].auto_model.config.num_hidden_layers,
+        dim=model.get_embedding_dimension(), max_seq_length=serving_length, matryoshka_dims=None, commit=git_code_state()))
     publish_from_rank_zero(paths.checkpoints, partial(write_model, model, paths.output, provenance, metrics=metrics,
-                                                      extra={"base_model": config.base_model, "loss": config.loss}))
+                                                      extra={"base_model": config.base_model, "loss": config.loss},
+                                                      card=card))
     log.info("train: %d pairs, %d steps, dev nDCG@10 %.4f -> %.4f, %.1f pairs/s", len(frame), metrics["steps"],
              metrics["dev_ndcg@10_before"], metrics["dev_ndcg@10_best"], metrics["pairs_per_s"])
     return TrainResult(metrics=metrics, loss_history=loss_history, data_fingerprint=mined_manifest.fingerprint)

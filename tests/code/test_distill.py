@@ -184,3 +184,5 @@ def test_the_bucketed_trainer_distils_a_matryoshka_student(
     manifest = read_manifest(paths.output, kind="sentence_transformer", schema_version=1)
     assert manifest.counts == {"layers": 2, "dim": 32}
     assert json.loads((paths.output / MATRYOSHKA_FILE).read_text()) == {"matryoshka_dims": [32, 16, 8]}
+    card = (paths.output / "README.md").read_text()
+    assert "# embedforge student" in card and "usable prefixes: 32, 16, 8" in card

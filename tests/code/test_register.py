@@ -50,12 +50,15 @@ def _register(stack: dict[str, Path], evaluation: Path, cwd: Path, *extra: str) 
 def _evaluation(stack: dict[str, Path], target: Path, ndcg: float) -> Path:
     """An evaluation artifact whose operating point scores `ndcg` (the gate reads nothing else from it)."""
     point = {"chosen": {"model": "student", "dim": 32, "index": "binary_flat", "precision": "binary", "rescored": True,
-                        "ndcg_at_10": ndcg}, "reason": "test", "serve_model": "student"}
+                        "ndcg_at_10": ndcg, "bytes_per_vector": 4.0, "p99_ms": 0.5},
+             "reason": "test", "serve_model": "student", "rescore": {"multiplier": 4, "with": "int8"}}
+    grid = [{"model": "student", "dim": 32, "index": "float_flat", "ndcg_at_10": ndcg + 0.01, "mrr_at_10": 0.7,
+             "recall_at_100": 0.9}]
     beir = artifacts.read_manifest(stack["beir"], kind="beir", schema_version=1).fingerprint
     with artifacts.publish(target, kind="evaluation", schema_version=1, stage="evaluate", params_digest="t",
                            inputs={"beir": beir}) as (tmp, meta):
         (tmp / "operating_point.json").write_text(json.dumps(point))
-        (tmp / "grid.json").write_text("[]")
+        (tmp / "grid.json").write_text(json.dumps(grid))
     return target
 
 
@@ -80,7 +83,11 @@ def test_a_worse_student_is_registered_as_candidate_and_a_tie_replaces_the_champ
     assert json.loads((tmp_path / "worse.json").read_text())["gate/promoted"] == 0.0
     run_artifacts = {item.path for item in client.list_artifacts(candidate.run_id, "serving")}
     assert run_artifacts == {"serving/calibration.json", "serving/operating_point.json", "serving/gate_decision.json",
-                             "serving/onnx"}
+                             "serving/onnx", "serving/README.md"}
+    card = client.get_model_version("test-student", candidate.version).description
+    assert "Registered as version 2" in card and "Gate: refused" in card
+    assert "| student | 32 | 0.7600 |" in card  # the test table
+    assert "index `binary_flat` with int8 rescoring: nDCG@10 0.7500, 4 bytes per vector" in card
     assert {item.path for item in client.list_artifacts(candidate.run_id, "serving/onnx")} == {
         "serving/onnx/model.onnx", "serving/onnx/model_qint8.onnx"}
     import mlflow

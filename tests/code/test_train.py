@@ -125,6 +125,9 @@ def test_the_bucketed_trainer_learns_and_publishes_the_teacher_with_its_curve(
     assert result.metrics["dev_ndcg@10_best"] >= result.metrics["dev_ndcg@10_before"]
     assert result.metrics["steps"] <= 4 * (_train_rows(mined) // 16)  # repeated texts can cost a batch
     assert result.metrics["pairs_per_s"] > 0 and result.metrics["resumed"] == 0.0
+    card = (paths.output / "README.md").read_text()
+    assert "# embedforge teacher" in card  # the project's model card, not sentence-transformers' generic one
+    assert read_manifest(curated, kind="curated_pairs", schema_version=1).fingerprint in card
     assert [step for step, _ in result.loss_history] == sorted(step for step, _ in result.loss_history)
     manifest = read_manifest(paths.output, kind="sentence_transformer", schema_version=1)
     assert manifest.counts == {"layers": 2, "dim": 32}
