@@ -265,8 +265,8 @@ def fit(model: SentenceTransformer, objectives: dict[str, Objective], schedule: 
                   if parameter.requires_grad and id(parameter) not in own}.values())
     optimizer = torch.optim.AdamW(parameters + extra, lr=schedule.learning_rate, weight_decay=schedule.weight_decay,
                                   fused=on_cuda)
-    per_epoch = len(epoch_batches(objectives, schedule.batch_size, schedule.seed, 0))
-    total_steps = max(1, math.ceil(per_epoch * schedule.epochs))
+    first_epoch = epoch_batches(objectives, schedule.batch_size, schedule.seed, 0)
+    total_steps = max(1, math.ceil(len(first_epoch) * schedule.epochs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(math.ceil(schedule.warmup_ratio * total_steps), total_steps))
     log_every = max(1, schedule.eval_steps // 5)
@@ -295,7 +295,8 @@ def fit(model: SentenceTransformer, objectives: dict[str, Objective], schedule: 
     model.train()
     epoch = 0
     while step < total_steps:
-        batches = epoch_batches(objectives, schedule.batch_size, schedule.seed, epoch)[: total_steps - step]
+        batches = (first_epoch if epoch == 0 else
+                   epoch_batches(objectives, schedule.batch_size, schedule.seed, epoch))[: total_steps - step]
         make = partial(_batch, objectives, pad_id=pad_id, pin=on_cuda)
         for name, features, labels in prefetched(batches, lambda tagged: make(*tagged)):
             features = [{key: value.to(device, non_blocking=True) for key, value in column.items()}

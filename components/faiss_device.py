@@ -42,11 +42,17 @@ def faiss_gpus() -> int:
     return int(faiss.get_num_gpus())
 
 
-def faiss_device() -> Device:
-    """The device faiss work runs on: `EMBEDFORGE_FAISS_DEVICE` if set, else the GPU when there is one."""
+def requested_device() -> str:
+    """`EMBEDFORGE_FAISS_DEVICE`, checked: auto (also when unset or empty), cpu or gpu."""
     requested = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
     if requested not in DEVICE_CHOICES:
         raise ConfigError(f"{DEVICE_ENV}={requested!r} is not one of {', '.join(DEVICE_CHOICES)}")
+    return requested
+
+
+def faiss_device() -> Device:
+    """The device faiss work runs on: `EMBEDFORGE_FAISS_DEVICE` if set, else the GPU when there is one."""
+    requested = requested_device()
     if requested == "cpu":
         return "cpu"
     gpus = faiss_gpus()
@@ -87,7 +93,7 @@ def exact_search_device() -> Literal["faiss-gpu", "torch-gpu", "cpu"]:
 
     if faiss_device() == "gpu":
         return "faiss-gpu"
-    if os.environ.get(DEVICE_ENV, "auto").strip().lower() != "cpu" and torch.cuda.is_available():
+    if requested_device() != "cpu" and torch.cuda.is_available():
         return "torch-gpu"
     return "cpu"
 
