@@ -111,10 +111,11 @@ def pack(curated_dir: Path, mined_dir: Path, out: Path) -> None:
 
 
 class Utilisation:
-    """GPU utilisation (%), sampled every 100 ms by NVML while a phase runs; nothing without a GPU."""
+    """GPU utilisation (%) and memory in use (GiB), sampled every 100 ms by NVML while a phase runs, each sample
+    with its `time.perf_counter()`; nothing without a GPU."""
 
     def __init__(self) -> None:
-        self.samples: list[int] = []
+        self.samples: list[tuple[float, int, float]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -129,7 +130,8 @@ class Utilisation:
 
         def sample() -> None:
             while not self._stop.wait(0.1):
-                self.samples.append(int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+                self.samples.append((time.perf_counter(), int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                                     pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30))
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -140,10 +142,14 @@ class Utilisation:
         if self._thread is not None:
             self._thread.join()
 
-    def summary(self) -> dict[str, float]:
-        if not self.samples:
+    def summary(self, start: float = float("-inf"), end: float = float("inf")) -> dict[str, float]:
+        """Median and max utilisation, and the most memory in use, of the samples taken between start and end."""
+        window = [(utilisation, memory) for at, utilisation, memory in self.samples if start <= at <= end]
+        if not window:
             return {}
-        return {"gpu_util_median": float(statistics.median(self.samples)), "gpu_util_max": float(max(self.samples))}
+        utilisations = [utilisation for utilisation, _ in window]
+        return {"gpu_util_median": float(statistics.median(utilisations)), "gpu_util_max": float(max(utilisations)),
+                "gpu_memory_max_gib": max(memory for _, memory in window)}
 
 
 class Results:
@@ -263,7 +269,8 @@ def profile_table(run: Any, steps: int) -> str:
             + averages.table(sort_by="cpu_time_total", row_limit=20))
 
 
-def run(out: Path, packed: Path, quick: bool, skip_encode: bool = False, host_only: bool = False) -> None:
+def run(out: Path, packed: Path, quick: bool, skip_encode: bool = False, host_only: bool = False,
+        encode_only: bool = False) -> None:
     import torch
     from sentence_transformers.sentence_transformer import losses
 
@@ -322,6 +329,9 @@ def run(out: Path, packed: Path, quick: bool, skip_encode: bool = False, host_on
             record["passages_per_s"] = len(passages) / (time.perf_counter() - started)
             record["min_cosine_to_st_encode"] = float(np.min(np.sum(vectors * reference.astype(np.float32), axis=1)))
         del model
+    if encode_only:
+        print(summary(results.rows))
+        return
 
     # 2. Teacher training throughput: the profile's trainer against the bucketed loop (no dev evaluations timed).
     pairs_before = int(256 * 30 * scale) or 64
@@ -468,13 +478,14 @@ def main() -> None:
     runner.add_argument("--host-only", action="store_true",
                         help="only the host's batch preparation (needs no GPU)")
     runner.add_argument("--skip-encode", action="store_true", help="leave out the embedding phases")
+    runner.add_argument("--encode-only", action="store_true", help="only the host's and the embedding phases")
     runner.add_argument("--quick", action="store_true", help="a few hundred rows: the same code, quickly, on a CPU")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "pack":
         pack(args.curated, args.mined, args.packed)
     else:
-        run(args.out, args.packed, args.quick, args.skip_encode, args.host_only)
+        run(args.out, args.packed, args.quick, args.skip_encode, args.host_only, args.encode_only)
 
 
 if __name__ == "__main__":

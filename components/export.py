@@ -68,7 +68,8 @@ def onnx_record(path: Path) -> dict[str, Any] | None:
 
 def load_onnx(path: Path, model: SentenceTransformer, variant: Literal["float32", "qint8"] = "qint8",
               threads: int | None = None) -> SentenceTransformer:
-    """`model` (loaded from the exported directory) with its transformer run by ONNX Runtime from `variant`."""
+    """`model` (loaded from the exported directory) with its transformer run by ONNX Runtime from `variant`, on
+    the CPU: the whole model moves there, so that tokenised inputs, ONNX outputs and pooling meet on one device."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -76,6 +77,7 @@ def load_onnx(path: Path, model: SentenceTransformer, variant: Literal["float32"
         options.intra_op_num_threads = threads
     session = onnxruntime.InferenceSession(str(path / ONNX_FILES[variant]), options,
                                            providers=["CPUExecutionProvider"])
+    model = model.to("cpu")
     model[0].model = OnnxTransformer(session, model[0].model.config)  # the torch weights are released
     return model
 
@@ -110,7 +112,8 @@ def export_onnx(reference: str, output: Path) -> dict[str, float]:
     source = resolve_model_path(reference)
     if onnx_record(source) is not None:
         raise ArtifactError(f"{reference}: already an ONNX export; export the model it came from")
-    model = load_model(reference)
+    model = load_model(reference, device="cpu")  # traced on the CPU, where ONNX Runtime will run it (on a GPU
+    # machine the model would load on CUDA and the traced inputs would not)
     expected = model.encode(CHECK_TEXTS, normalize_embeddings=True)
     source_fingerprint = model_fingerprint(reference)  # verifies every file of a model artifact: once
     provenance = Provenance("export", "onnx", {"model": source_fingerprint})
@@ -128,7 +131,7 @@ def export_onnx(reference: str, output: Path) -> dict[str, float]:
             root.setLevel(level)
         cosines = {}
         for variant in ONNX_FILES:
-            exported = load_onnx(tmp, load_model(str(tmp)), variant)
+            exported = load_onnx(tmp, load_model(str(tmp), device="cpu"), variant)
             got = exported.encode(CHECK_TEXTS, normalize_embeddings=True)
             cosines[variant] = float((got * expected).sum(axis=1).min())
             if cosines[variant] < MIN_CHECK_COSINE:

