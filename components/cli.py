@@ -171,7 +171,8 @@ def stage_parser(stage: str, model: type[BaseModel]) -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     for port in row.ports:  # argparse passes string defaults through the type too
-        parser.add_argument(port.flag, type=_port_type(port, port in row.inputs), default=port.path, help=port.help)
+        parser.add_argument(port.flag, dest=port.name, type=_port_type(port, port in row.inputs), default=port.path,
+                            help=port.help)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file with one section per stage")
     parser.add_argument("--profile", default=None, help="params profile to apply (default: the file's `profile` key)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",

@@ -10,7 +10,7 @@ import csv
 import gzip
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -86,7 +86,9 @@ class _Record(NamedTuple):
     fields: dict[str, object]
 
 
-def _read_jsonl_records(path: Path) -> list[_Record]:
+def _read_jsonl_records(path: Path, check: Callable[[object, str], dict[str, object]] | None = None) -> list[_Record]:
+    """Each non-blank line's object, checked by `check` (default: a text pair)."""
+    check = check or _check_record
     rows = []
     with _open_lines(path) as handle:
         try:
@@ -104,7 +106,7 @@ def _read_jsonl_records(path: Path) -> list[_Record]:
                     raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
                 except (ValueError, RecursionError) as exc:  # oversized numbers, absurd nesting
                     raise DataError(f"{where}: unreadable JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
-                rows.append(_Record(where, f"line {line_number}", _check_record(record, where)))
+                rows.append(_Record(where, f"line {line_number}", check(record, where)))
         except (EOFError, gzip.BadGzipFile, OSError) as exc:
             raise DataError(f"{path}: truncated or corrupt compressed file ({exc})") from None
     return rows
@@ -150,6 +152,29 @@ def read_pairs(path: Path) -> pd.DataFrame:
     frame["package"] = frame["package"].where(frame["package"].notna(), frame["id"])
     frame["source"] = frame["source"].where(frame["source"].notna(), frame["package"])
     return frame[list(PAIR_COLUMNS)].astype(str).reset_index(drop=True)
+
+
+def read_texts(path: Path) -> list[str]:
+    """Unlabelled texts from JSONL (optionally gzipped), one object per line with a `text` field (and an
+    optional `id`): the general-domain texts distillation mixes in."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: input file not found")
+    if not path.name.removesuffix(".gz").endswith((".jsonl", ".json")):
+        raise DataError(f"{path}: unsupported format; give a .jsonl or .jsonl.gz file of {{\"text\": ...}} lines")
+    records = _read_jsonl_records(path, _check_text_record)
+    if not records:
+        raise DataError(f"{path}: no rows; give at least one {{\"text\": ...}} line")
+    return [str(record.fields["text"]) for record in records]
+
+
+def _check_text_record(record: object, where: str) -> dict[str, object]:
+    if not isinstance(record, dict) or "text" not in record:
+        raise DataError(f"{where}: expected a JSON object with a 'text' field")
+    unknown = sorted(set(record) - {"id", "text"})
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {unknown}; allowed are ['id', 'text']")
+    return {"text": _check_text(record["text"], "text", where)}
 
 
 def _check_unique_ids(records: list[_Record], ids: list[str]) -> None:

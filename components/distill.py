@@ -10,6 +10,10 @@ embedding is itself a usable embedding:
 - optionally a contrastive term: MultipleNegativesRankingLoss on the mined (query, positive, negative) tuples,
   which teaches the small prefixes to rank, not only to imitate.
 
+Debian texts alone teach the student Debian only: outside it the student falls below the base model it came
+from. `general_text_share` mixes general English (dictionary definitions, `--general-text`) into the texts
+whose embeddings the student learns, embedded by the teacher or by the base model (`general_targets`).
+
 Before training, the teacher's embedding space is rotated onto its principal axes (`pca_rotation`): the
 student ends in a fixed-size linear layer holding that rotation, and learns the rotated teacher embeddings.
 A rotation changes no cosine, so the full-size embedding means what it meant, but the leading dimensions now
@@ -36,7 +40,9 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from components.artifact_types import MODEL, Provenance, read_curated, read_mined, write_model
+from components.artifacts import file_sha256
 from components.config import ConfigError, StageConfig, params_digest
+from components.data import read_texts
 from components.model_card import TrainingFacts, training_card
 from components.tracking import git_code_state
 from components.training import (TRAINER_HELP, accelerator_metrics, data_shard_metrics, dev_evaluator, fit_bucketed,
@@ -71,6 +77,15 @@ class DistillConfig(StageConfig):
         2500, ge=8, description="Mined triplets sampled for the contrastive term; null = all.")
     distill_texts: int | None = Field(
         7000, ge=8, description="Queries + passages whose teacher embeddings the student learns; null = all.")
+    general_text_share: float = Field(
+        0.0, ge=0, lt=1,
+        description="Share of the distillation texts drawn from the general-text input (unlabelled general "
+                    "English), so that the student keeps what the base model knew outside Debian; 0 = Debian "
+                    "texts only.")
+    general_targets: Literal["teacher", "base"] = Field(
+        "teacher",
+        description="Whose embeddings of the general texts the student learns: the teacher's, or those of the "
+                    "base model the teacher was fine-tuned from (untouched by Debian).")
     epochs: float = Field(1.0, gt=0, description="Passes over the distillation data.")
     batch_size: int = Field(64, ge=2, description="Texts per batch.")
     learning_rate: float = Field(
@@ -114,6 +129,21 @@ class DistillPaths:
     curated: Path
     output: Path
     checkpoints: Path
+    general_text: Path | None = None
+
+
+def distillation_texts(debian: list[str], general: list[str], config: DistillConfig) -> tuple[list[str], list[str]]:
+    """The Debian and the general texts whose targets the student learns: `distill_texts` in all (null: every
+    Debian text, plus the general share on top), `general_text_share` of them general, each a seeded sample."""
+    share = config.general_text_share
+    total = config.distill_texts if config.distill_texts is not None else round(len(debian) / (1 - share))
+    general_count = min(round(total * share), len(general))
+    debian_count = min(total - general_count, len(debian))
+
+    def sample(texts: list[str], count: int) -> list[str]:
+        return texts if count >= len(texts) else pd.Series(texts).sample(n=count, random_state=config.seed).tolist()
+
+    return sample(debian, debian_count), sample(general, general_count)
 
 
 def check_against_teacher(config: DistillConfig, teacher_layers: int, teacher_dim: int) -> None:
@@ -180,14 +210,28 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     teacher = load_model(str(paths.teacher), max_seq_length=config.max_seq_length)
     evaluator = dev_evaluator(curated.pairs, queries=config.dev_queries, corpus=config.dev_corpus, seed=config.seed)
 
-    texts = pd.unique(pd.concat([mined["query"], mined["positive"]])).tolist()
-    if config.distill_texts is not None and len(texts) > config.distill_texts:
-        texts = pd.Series(texts).sample(n=config.distill_texts, random_state=config.seed).tolist()
-    targets = encode(teacher, texts, batch_size=config.teacher_batch_size, label="teacher targets")
+    if config.general_text_share > 0 and paths.general_text is None:
+        raise ConfigError(f"general_text_share is {config.general_text_share}, but no general-text input was "
+                          "given; pass --general-text FILE or set general_text_share=0")
+    general_pool = read_texts(paths.general_text) if config.general_text_share > 0 else []
+    debian_texts, general_texts = distillation_texts(
+        pd.unique(pd.concat([mined["query"], mined["positive"]])).tolist(), general_pool, config)
+    texts = debian_texts + general_texts
+    targets = encode(teacher, texts if config.general_targets == "teacher" else debian_texts,
+                     batch_size=config.teacher_batch_size, label="teacher targets")
+    vectors = targets.vectors
+    if general_texts and config.general_targets == "base":
+        if "base_model" not in teacher_manifest.extra:
+            raise ConfigError(f"general_targets is 'base', but {paths.teacher}'s manifest names no base model (a "
+                              "teacher from the train stage does); set general_targets: teacher")
+        base = load_model(teacher_manifest.extra["base_model"], max_seq_length=config.max_seq_length)
+        vectors = np.concatenate([vectors, encode(base, general_texts, batch_size=config.teacher_batch_size,
+                                                  label="base targets").vectors])
+        del base
     teacher_dev = evaluator(teacher)["dev_cosine_ndcg@10"]
 
-    rotation = principal_axes(targets.vectors) if config.pca_rotation else None
-    target_vectors = targets.vectors if rotation is None else targets.vectors @ rotation
+    rotation = principal_axes(vectors) if config.pca_rotation else None
+    target_vectors = vectors if rotation is None else vectors @ rotation
     student = make_student(teacher, config.layers, rotation)
     tables = {"distill": pd.DataFrame({"text": texts})}
     objectives = {"distill": losses.MatryoshkaLoss(
@@ -230,6 +274,7 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     metrics = {
         "student_layers": len(config.layers),
         "distill_texts": len(texts),
+        "general_texts": len(general_texts),
         "steps": steps,
         "train_loss": training_loss,
         "teacher_dev_ndcg@10": teacher_dev,
@@ -243,13 +288,16 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
         **accelerator_metrics(),
         "seconds": time.perf_counter() - started,
     }
-    provenance = Provenance(STAGE, params_digest(config), {"teacher": teacher_manifest.fingerprint,
-                                                           "mined": mined_manifest.fingerprint})
+    inputs = {"teacher": teacher_manifest.fingerprint, "mined": mined_manifest.fingerprint}
+    if general_texts:
+        inputs["general_text"] = file_sha256(paths.general_text)
+    provenance = Provenance(STAGE, params_digest(config), inputs)
     card = training_card(TrainingFacts(
         role="student", started_from=f"the teacher at {paths.teacher}, layers {config.layers}",
         data={"raw snapshot": curated_manifest.inputs.get("raw_pairs", "unknown"),
               "curated pairs": curated_manifest.fingerprint, "mined pairs": mined_manifest.fingerprint,
-              "teacher": teacher_manifest.fingerprint},
+              "teacher": teacher_manifest.fingerprint,
+              **({"general text": inputs["general_text"]} if general_texts else {})},
         settings=config.model_dump(mode="json"), metrics=metrics, layers=len(config.layers),
         dim=student.get_embedding_dimension(), max_seq_length=config.serve_max_seq_length,
         matryoshka_dims=config.matryoshka_dims, commit=git_code_state()))
@@ -276,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(STAGE, DistillConfig)
     args, config = parse_stage_args(parser, argv, DistillConfig, STAGE)
     paths = DistillPaths(teacher=args.teacher, mined=args.mined, curated=args.curated, output=args.output,
-                         checkpoints=args.checkpoints)
+                         checkpoints=args.checkpoints, general_text=args.general_text)
 
     def work() -> StageOutcome:
         metrics = distill(config, paths)

@@ -41,7 +41,7 @@ from components.artifact_types import (
 )
 from components.artifacts import ArtifactError
 from components.config import StageConfig, params_digest
-from components.data import BeirDataset, read_beir
+from components.data import BeirDataset, DataError, read_beir
 from components.embed import truncate
 from components.faiss_device import exact_search_device, inner_product_search
 
@@ -77,6 +77,10 @@ class EvaluateConfig(StageConfig):
         64.0, gt=0, description="Operating-point budget: index bytes per document; null = no limit.")
     max_p99_ms: float | None = Field(
         10.0, gt=0, description="Operating-point budget: single-query p99 latency in ms; null = no limit.")
+    ood_queries: int | None = Field(
+        None, ge=10,
+        description="Out-of-domain queries scored per set (the first ones; the corpus keeps their passages and "
+                    "as many others); null = every query of the set.")
 
 
 def configuration_name(index: str, rescored: bool) -> str:
@@ -119,6 +123,70 @@ class EvaluateResult:
     pareto: list[GridRow]
     chosen: GridRow | None
     choice_reason: str
+    out_of_domain: dict[str, dict[str, float]]  # model -> set (and "mean") -> nDCG@10 at the model's full dim
+
+
+def out_of_domain_sets(folder: Path, max_queries: int | None) -> dict[str, BeirDataset]:
+    """Each BEIR set in `folder` (one directory per set; no training stage reads them), cut to its first
+    `max_queries` queries, their relevant passages and as many others."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder of out-of-domain sets; give a folder holding one BEIR directory "
+                        "per set (scripts/build_text_snapshots.py builds data/raw/ood)")
+    sets = {directory.name: read_beir(directory) for directory in sorted(folder.iterdir()) if directory.is_dir()}
+    if not sets:
+        raise DataError(f"{folder}: no BEIR set inside; each set is a directory with corpus.jsonl, queries.jsonl "
+                        "and qrels/test.tsv")
+    return {name: dataset if max_queries is None else first_queries(dataset, max_queries)
+            for name, dataset in sets.items()}
+
+
+def first_queries(dataset: BeirDataset, count: int) -> BeirDataset:
+    query_ids = list(dataset.qrels)[:count]
+    relevant = {doc_id for query_id in query_ids for doc_id in dataset.qrels[query_id]}
+    others = [doc_id for doc_id in dataset.corpus if doc_id not in relevant][:len(relevant)]
+    kept = relevant | set(others)
+    return BeirDataset(corpus={doc_id: text for doc_id, text in dataset.corpus.items() if doc_id in kept},
+                       queries={query_id: dataset.queries[query_id] for query_id in query_ids},
+                       qrels={query_id: dataset.qrels[query_id] for query_id in query_ids})
+
+
+def exact_scores(model: Any, dataset: BeirDataset, dims: list[int], config: EvaluateConfig,
+                 label: str) -> dict[str, float]:
+    """Exact float search of the dataset's queries over its corpus at each dim: `d<dim>/<measure>`, and the
+    encode speed (`encode_docs_per_s`)."""
+    from components.embed import encode
+
+    doc_ids, query_ids = list(dataset.corpus), list(dataset.qrels)
+    docs = encode(model, [dataset.corpus[i] for i in doc_ids], batch_size=config.batch_size, label=f"{label} docs")
+    queries = encode(model, [dataset.queries[i] for i in query_ids], batch_size=config.batch_size,
+                     label=f"{label} queries")
+    full_dim = docs.vectors.shape[1]
+    metrics = {"encode_docs_per_s": docs.per_second}
+    for dim in [d for d in dims if d <= full_dim] or [full_dim]:
+        run = exact_search(truncate(docs.vectors, dim), truncate(queries.vectors, dim), doc_ids, query_ids,
+                           config.top_k)
+        metrics |= {f"d{dim}/{key}": value for key, value in retrieval_metrics(dataset.qrels, run).items()}
+    return metrics
+
+
+def score_out_of_domain(model: Any, name: str, sets: dict[str, BeirDataset], dims: list[int],
+                        config: EvaluateConfig) -> dict[str, float]:
+    """`ood/<set>/<model>/d<dim>/<measure>` for each set, and `ood/mean/<model>/d<dim>/ndcg@10` over the sets."""
+    metrics = {}
+    for set_name, dataset in sets.items():
+        scores = exact_scores(model, dataset, dims, config, f"{name} {set_name}")
+        metrics |= {f"ood/{set_name}/{name}/{key}": value for key, value in scores.items()
+                    if key != "encode_docs_per_s"}
+    for dim in dims:
+        metrics[f"ood/mean/{name}/d{dim}/ndcg@10"] = float(np.mean(
+            [metrics[f"ood/{set_name}/{name}/d{dim}/ndcg@10"] for set_name in sets]))
+    return metrics
+
+
+def out_of_domain_table(metrics: dict[str, float], models: dict[str, int], sets: list[str]) -> dict[str, dict[str, float]]:
+    """model -> {set: nDCG@10, "mean": ...} at each model's full dim (`models`: name -> full dim)."""
+    return {name: {set_name: metrics[f"ood/{set_name}/{name}/d{dim}/ndcg@10"] for set_name in [*sets, "mean"]}
+            for name, dim in models.items()}
 
 
 def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -280,8 +348,10 @@ def check_same_corpus(quantized: QuantizedCorpus, indexes: IndexSet, beir_finger
                                       f"on it (`dvc repro quantize`)")
 
 
-def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, index_dir: Path) -> EvaluateResult:
-    """Score every index of the index artifact on the BEIR queries."""
+def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, index_dir: Path,
+                  ood_dir: Path | None = None) -> EvaluateResult:
+    """Score every index of the index artifact on the BEIR queries, and each model on the out-of-domain sets
+    in `ood_dir` (exact float search at every dim it was indexed at)."""
     from components.embed import encode, load_model
 
     started = time.perf_counter()
@@ -292,8 +362,10 @@ def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, i
     dataset = read_beir(beir_dir)
     query_ids = list(dataset.qrels)
     texts = [dataset.queries[i] for i in query_ids]
+    ood_sets = out_of_domain_sets(ood_dir, config.ood_queries) if ood_dir is not None else {}
     metrics: dict[str, float] = {}
     grid: list[GridRow] = []
+    full_dims: dict[str, int] = {}
     for model_name in dict.fromkeys(record.model for record in indexes.records):
         info = quantized.models[model_name]
         model = load_model(str(info["reference"]), max_seq_length=int(info["max_seq_length"]), dtype=config.dtype)
@@ -303,6 +375,10 @@ def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, i
         metrics[f"{model_name}/layers"] = float(model[0].auto_model.config.num_hidden_layers)
         for record in (r for r in indexes.records if r.model == model_name):
             grid.extend(score_index(record, indexes, quantized, queries.vectors, query_ids, dataset, config))
+        dims = sorted({record.dim for record in indexes.records if record.model == model_name}, reverse=True)
+        full_dims[model_name] = dims[0]
+        if ood_sets:
+            metrics |= score_out_of_domain(model, model_name, ood_sets, dims, config)
     for row in grid:
         for name in ("ndcg_at_10", "mrr_at_10", "recall_at_100", "p50_ms", "p99_ms", "bytes_per_vector"):
             metrics[f"{row.key}/{name.replace('_at_', '@')}"] = getattr(row, name)
@@ -314,8 +390,9 @@ def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, i
                     "operating_point/p99_ms": chosen.p99_ms}
     metrics |= {"queries": len(query_ids), "documents": len(quantized.doc_ids),
                 "seconds": time.perf_counter() - started}
+    out_of_domain = out_of_domain_table(metrics, full_dims, list(ood_sets)) if ood_sets else {}
     return EvaluateResult(metrics=metrics, table=summary_table(grid, chosen), data_fingerprint=beir_fingerprint,
-                          grid=grid, pareto=pareto, chosen=chosen, choice_reason=reason)
+                          grid=grid, pareto=pareto, chosen=chosen, choice_reason=reason, out_of_domain=out_of_domain)
 
 
 def score_index(record: IndexRecord, indexes: IndexSet, quantized: QuantizedCorpus, query_vectors: np.ndarray,
@@ -433,6 +510,7 @@ def report_markdown(result: EvaluateResult, config: EvaluateConfig, beir_dir: Pa
         "",
         f"## Operating point\n\n{chosen} ({result.choice_reason}).",
         "",
+        *out_of_domain_section(result),
         "## Models\n\n| model | layers | docs/s | queries/s |\n|---|---:|---:|---:|\n" + per_model,
         "",
         "## Pareto front (quality per byte)\n\n" + grid_table(result.pareto),
@@ -444,6 +522,26 @@ def report_markdown(result: EvaluateResult, config: EvaluateConfig, beir_dir: Pa
     ])
 
 
+def out_of_domain_section(result: EvaluateResult) -> list[str]:
+    """In-domain and out-of-domain nDCG@10 side by side, at each model's full dim (exact float search)."""
+    if not result.out_of_domain:
+        return []
+    sets = [name for name in next(iter(result.out_of_domain.values())) if name != "mean"]
+    in_domain = {row.model: row.ndcg_at_10 for row in result.grid if row.index == "float_flat"
+                 and row.dim == max(r.dim for r in result.grid if r.model == row.model)}
+    base = result.out_of_domain.get("base", {}).get("mean")
+    lines = ["## Out of domain", "",
+             f"nDCG@10, exact float search at each model's full dim. Out-of-domain sets: {', '.join(sets)} "
+             "(held out from every training stage).", "",
+             "| model | Debian test | " + " | ".join(sets) + " | out-of-domain mean | vs base |",
+             "|---|---:|" + "---:|" * len(sets) + "---:|---:|"]
+    for name, scores in result.out_of_domain.items():
+        versus = f"{scores['mean'] - base:+.4f}" if base is not None else ""
+        lines.append(f"| {name} | {in_domain.get(name, float('nan')):.4f} | "
+                     + " | ".join(f"{scores[set_name]:.4f}" for set_name in sets) + f" | {scores['mean']:.4f} | {versus} |")
+    return [*lines, ""]
+
+
 def publish_evaluation(result: EvaluateResult, config: EvaluateConfig, output: Path, inputs: dict[str, str]) -> None:
     """The gate's input: the grid and the chosen operating point, as a verified artifact."""
     write_evaluation(output, [asdict(row) for row in result.grid], {
@@ -451,7 +549,9 @@ def publish_evaluation(result: EvaluateResult, config: EvaluateConfig, output: P
         "serve_model": config.serve_model, "budgets": {"max_bytes_per_vector": config.max_bytes_per_vector,
                                                        "max_p99_ms": config.max_p99_ms},
         "rescore": {"multiplier": config.rescore_multiplier, "with": config.rescore_with},
-        "top_k": config.top_k, "hnsw_ef_search": config.hnsw_ef_search, "ivf_nprobe": config.ivf_nprobe},
+        "top_k": config.top_k, "hnsw_ef_search": config.hnsw_ef_search, "ivf_nprobe": config.ivf_nprobe,
+        "out_of_domain": {"measure": "ndcg@10 at each model's full dim, exact float search",
+                          "scores": result.out_of_domain} if result.out_of_domain else None},
         Provenance(STAGE, params_digest(config), inputs))
 
 
@@ -460,24 +560,14 @@ def publish_evaluation(result: EvaluateResult, config: EvaluateConfig, output: P
 def evaluate_models(models: dict[str, str], beir_dir: Path, config: EvaluateConfig,
                     dims: list[int] | None = None) -> dict[str, float]:
     """Encode corpus and queries with each model and score exact float search at each dim (`<name>/d<dim>/...`)."""
-    from components.embed import encode, load_model
+    from components.embed import load_model
 
     dataset = read_beir(beir_dir)
-    doc_ids, query_ids = list(dataset.corpus), list(dataset.qrels)
     log.info("evaluate: exact search on %s", exact_search_device())
     metrics: dict[str, float] = {}
     for name, reference in models.items():
-        model = load_model(reference, dtype=config.dtype)
-        docs = encode(model, [dataset.corpus[i] for i in doc_ids], batch_size=config.batch_size, label=f"{name} docs")
-        queries = encode(model, [dataset.queries[i] for i in query_ids], batch_size=config.batch_size,
-                         label=f"{name} queries")
-        full_dim = docs.vectors.shape[1]
-        metrics[f"{name}/encode_docs_per_s"] = docs.per_second
-        for dim in [d for d in (dims or QUICK_DIMS) if d <= full_dim] or [full_dim]:
-            run = exact_search(truncate(docs.vectors, dim), truncate(queries.vectors, dim), doc_ids, query_ids,
-                               config.top_k)
-            for key, value in retrieval_metrics(dataset.qrels, run).items():
-                metrics[f"{name}/d{dim}/{key}"] = value
+        scores = exact_scores(load_model(reference, dtype=config.dtype), dataset, dims or QUICK_DIMS, config, name)
+        metrics |= {f"{name}/{key}": value for key, value in scores.items()}
     return metrics
 
 
@@ -517,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
         return StageOutcome(metrics=metrics, data_fingerprint="unmanaged:" + str(args.beir.resolve()))
 
     def work() -> StageOutcome:
-        result = evaluate_grid(config, args.beir, args.quantized, args.index)
+        result = evaluate_grid(config, args.beir, args.quantized, args.index, args.ood)
         publish_evaluation(result, config, args.output, inputs={
             "beir": result.data_fingerprint,
             "index": INDEXES.read_manifest(args.index, verify=False).fingerprint})

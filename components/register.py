@@ -1,8 +1,10 @@
 """register: the promotion gate. The student goes to the MLflow model registry; it becomes `champion` only if it earns it.
 
 The candidate's score is its nDCG@10 at the operating point chosen by evaluate. It passes when it clears the
-absolute floor and, if a champion exists and was scored on the same test set, reaches the champion's score
-plus `min_gain_over_champion`. Every run registers a new version (sentence-transformers flavour, with a
+absolute floor, keeps the base model's quality out of domain (its mean nDCG@10 on evaluate's out-of-domain
+sets at most `max_ood_drop` below the base model's: a student that forgot general text is no upgrade, whatever
+it scores on Debian) and, if a champion exists and was scored on the same test set, reaches the champion's
+score plus `min_gain_over_champion`. Every run registers a new version (sentence-transformers flavour, with a
 signature and an input example) with its int8 calibration, operating point, the gate's decision and the
 student's ONNX export with int8 weights (`serving/onnx/`, see components/export.py) and its model card with the
 test table and operating point (`serving/README.md`, also the version's description) as artifacts; the
@@ -45,6 +47,13 @@ class RegisterConfig(StageConfig):
     min_gain_over_champion: float = Field(
         0.0, ge=-1, le=1,
         description="On the same test set the candidate must reach champion + this to take over.")
+    max_ood_drop: float | None = Field(
+        0.01, ge=0, le=1,
+        description="The student's out-of-domain nDCG@10 (mean of evaluate's sets) may fall at most this far below "
+                    "the baseline model's; null = no out-of-domain gate.")
+    ood_baseline: str = Field(
+        "base", min_length=1,
+        description="The model (a quantize `models` name) whose out-of-domain score the student must keep.")
 
 
 @dataclass(frozen=True)
@@ -63,12 +72,18 @@ class Decision:
 
 
 def decide(candidate_ndcg: float | None, test_fingerprint: str, champion: Champion | None,
-           config: RegisterConfig) -> Decision:
-    """The gate itself: pure, so that every rule is tested without a registry."""
+           config: RegisterConfig, out_of_domain: dict[str, dict[str, float]] | None = None,
+           candidate: str = "student") -> Decision:
+    """The gate itself: pure, so that every rule is tested without a registry. `out_of_domain` is evaluate's
+    model -> {set: nDCG@10, "mean": ...}; `candidate` the model name there."""
     if candidate_ndcg is None:
         return Decision(False, ["no operating point within the evaluate budgets"], None, champion)
     floor_ok = candidate_ndcg >= config.min_ndcg_at_10
     reasons = [f"nDCG@10 {candidate_ndcg:.4f} {'>=' if floor_ok else '<'} floor {config.min_ndcg_at_10:.4f}"]
+    ood_ok, ood_reason = out_of_domain_check(out_of_domain, candidate, config)
+    if ood_reason:
+        reasons.append(ood_reason)
+    floor_ok = floor_ok and ood_ok
     beats_champion = True
     if champion is None:
         reasons.append("no champion yet")
@@ -80,6 +95,23 @@ def decide(candidate_ndcg: float | None, test_fingerprint: str, champion: Champi
         reasons.append(f"nDCG@10 {candidate_ndcg:.4f} {'>=' if beats_champion else '<'} champion v{champion.version} "
                        f"{champion.ndcg_at_10:.4f} + {config.min_gain_over_champion:.4f}")
     return Decision(floor_ok and beats_champion, reasons, candidate_ndcg, champion)
+
+
+def out_of_domain_check(scores: dict[str, dict[str, float]] | None, candidate: str,
+                        config: RegisterConfig) -> tuple[bool, str | None]:
+    """Whether the candidate kept the baseline's out-of-domain quality, and the reason in words."""
+    if config.max_ood_drop is None:
+        return True, None
+    if not scores:
+        return False, ("no out-of-domain scores (evaluate ran without out-of-domain sets): the max_ood_drop gate "
+                       "cannot pass; give evaluate its sets or set register.max_ood_drop to null")
+    missing = [name for name in (candidate, config.ood_baseline) if name not in scores]
+    if missing:
+        return False, f"no out-of-domain score for {missing} (evaluate scored {sorted(scores)})"
+    mine, baseline = scores[candidate]["mean"], scores[config.ood_baseline]["mean"]
+    passed = mine >= baseline - config.max_ood_drop
+    return passed, (f"out-of-domain nDCG@10 {mine:.4f} {'>=' if passed else '<'} {config.ood_baseline} "
+                    f"{baseline:.4f} - {config.max_ood_drop:.4f}")
 
 
 def current_champion(client: object, name: str) -> Champion | None:
@@ -123,8 +155,9 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
     client = MlflowClient()
     champion = current_champion(client, config.model_name)
     chosen = point["chosen"]
+    out_of_domain = (point.get("out_of_domain") or {}).get("scores")
     decision = decide(chosen["ndcg_at_10"] if chosen else None, evaluation.manifest.inputs["beir"], champion,
-                      config)
+                      config, out_of_domain, served)
     model = load_model(str(paths.student))
     info = mlflow.sentence_transformers.log_model(
         model, name="student", registered_model_name=config.model_name,
@@ -162,6 +195,8 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
         metrics["gate/candidate_ndcg@10"] = decision.candidate_ndcg_at_10
     if champion is not None:
         metrics["gate/champion_ndcg@10"] = champion.ndcg_at_10
+    if out_of_domain and served in out_of_domain and config.ood_baseline in out_of_domain:
+        metrics["gate/ood_drop"] = out_of_domain[config.ood_baseline]["mean"] - out_of_domain[served]["mean"]
     return decision, metrics
 
 

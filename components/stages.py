@@ -59,7 +59,8 @@ class Port:
 
     @property
     def flag(self) -> str:
-        return f"--{self.name}"
+        """`--<name>`, words joined by hyphens (argparse's `dest` stays the name)."""
+        return f"--{self.name.replace('_', '-')}"
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,9 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     ),
     Stage(
         "distill", "a smaller Matryoshka student from a subset of the teacher's layers",
-        inputs=(_input("teacher", MODEL, "models/teacher", "teacher model artifact"), MINED_IN, CURATED_IN),
+        inputs=(_input("teacher", MODEL, "models/teacher", "teacher model artifact"), MINED_IN, CURATED_IN,
+                Port("general_text", "general_text", "data/raw/general-text/texts.jsonl.gz",
+                     "general-domain texts, JSONL (.gz) with text[, id]: mixed in by general_text_share")),
         outputs=(Port("output", "student", "models/student", "student model artifact", kind=MODEL),
                  Port("checkpoints", "student_checkpoints", "checkpoints/student",
                       "checkpoint dir; a re-run with the same params and inputs resumes from it", dvc="none"),
@@ -168,7 +171,9 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         "evaluate", "the whole grid, the Pareto front and the operating point; the report",
         inputs=(_input("beir", BEIR, "data/beir/debian-test", "BEIR directory (queries, qrels): curate's "
                        "artifact, or any BEIR directory with --model", manifest_optional=True),
-                QUANTIZED_IN, _input("indexes", INDEXES, "data/index", "index artifact", name="index")),
+                QUANTIZED_IN, _input("indexes", INDEXES, "data/index", "index artifact", name="index"),
+                Port("ood", "ood_sets", "data/raw/ood", "folder of out-of-domain BEIR sets, one directory each "
+                     "(local): every model scored on each, exact float search")),
         outputs=(Port("output", "evaluation", "data/evaluation",
                       "evaluation artifact (grid + operating point) for the register stage", kind=EVALUATION),
                  _metrics("evaluate"),

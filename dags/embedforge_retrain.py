@@ -70,6 +70,8 @@ class AirflowSettings(StageConfig):
     schedule: str = Field("0 3 * * 1", min_length=9)
     mode: Literal["local", "docker", "kubernetes"] = "local"
     raw_pairs: str = Field(PIPELINE_INPUTS["raw_pairs"].path, min_length=1)
+    general_text: str = Field(PIPELINE_INPUTS["general_text"].path, min_length=1)
+    ood_sets: str = Field(PIPELINE_INPUTS["ood_sets"].path, min_length=1)
     local_artifact_root: str = Field("airflow_runs", min_length=1)
     kubernetes_artifact_root: str = Field("/artifacts", min_length=1)
     retries: int = Field(2, ge=0, le=10)
@@ -339,6 +341,12 @@ def knob_param(knob: str) -> Param:
                                   f"Variable embedforge_mode, else params.yaml ({SETTINGS.mode})."),
         "raw_pairs": Param(SETTINGS.raw_pairs, type="string", minLength=1,
                            description="Raw pairs (JSONL, JSONL.gz or Parquet): a path under the project or a URI."),
+        "general_text": Param(SETTINGS.general_text, type="string", minLength=1,
+                              description="General-domain texts distillation mixes in (JSONL or JSONL.gz of "
+                                          "{\"text\": ...}): a path under the project or a URI."),
+        "ood_sets": Param(SETTINGS.ood_sets, type="string", minLength=1,
+                          description="Folder of out-of-domain BEIR sets evaluate scores every model on: a path "
+                                      "under the project (or in the image)."),
         **{knob: knob_param(knob) for knob in KNOBS},
     },
     doc_md=__doc__,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from components.stages import CURATE_STEPS
+from components.stages import CURATE_STEPS, PIPELINE_INPUTS
 from components.stages import STAGES as STAGE_TABLE
 from tests.helpers import REPO_ROOT
 
@@ -146,7 +146,8 @@ def test_plan_puts_a_run_under_its_own_directory_and_turns_params_into_overrides
     params = _default_params(dag) | {"profile": "smoke", "eps": 0.1, "student_layers": [0, 3], "epochs": None}
     layout = retrain_module.plan_run(params, RUN_ID, "local")
     assert layout["run_dir"] == str(REPO_ROOT / "airflow_runs" / "manual__2026-11-23T03_00_00_00_00")
-    assert all(path.startswith(layout["run_dir"]) for name, path in layout["artifacts"].items() if name != "raw_pairs")
+    assert all(path.startswith(layout["run_dir"]) for name, path in layout["artifacts"].items()
+               if name not in PIPELINE_INPUTS)
     curate, distill, train = layout["argv"]["curate"], layout["argv"]["distill"], layout["argv"]["train"]
     assert curate[curate.index("--profile") + 1] == "smoke"
     assert curate[curate.index("--set") + 1] == "eps=0.1"

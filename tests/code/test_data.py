@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.data import PAIR_COLUMNS, BeirDataset, DataError, read_beir, read_pairs, write_beir
+from components.data import PAIR_COLUMNS, BeirDataset, DataError, read_beir, read_pairs, read_texts, write_beir
 from components.text import normalise
 
 QUERY = "mail transfer agent"
@@ -339,3 +339,29 @@ def test_qrels_quotes_are_read_as_written_by_write_beir(tmp_path: Path) -> None:
                           qrels={"q\t1": {'d"1': 1}})
     write_beir(tmp_path / "beir", dataset)
     assert read_beir(tmp_path / "beir") == dataset
+
+
+def test_general_texts_are_read_from_gzipped_jsonl_in_file_order(tmp_path: Path) -> None:
+    path = tmp_path / "texts.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"id": "a", "text": "apple: a fruit"}\n\n{"text": "pear: another fruit"}\n'))
+    assert read_texts(path) == ["apple: a fruit", "pear: another fruit"]
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (b'{"id": "a"}', "texts.jsonl:1: expected a JSON object with a 'text' field"),
+    (b'{"text": "   "}', "texts.jsonl:1: field 'text' is empty"),
+    (b'{"text": "x", "label": 1}', r"texts.jsonl:1: unknown field\(s\) \['label'\]"),
+    (b'["text"]', "texts.jsonl:1: expected a JSON object"),
+])
+def test_a_bad_general_text_line_is_an_error_naming_the_line(tmp_path: Path, line: bytes, expected: str) -> None:
+    path = tmp_path / "texts.jsonl"
+    path.write_bytes(line + b"\n")
+    with pytest.raises(DataError, match=expected):
+        read_texts(path)
+
+
+def test_general_texts_must_be_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "texts.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="unsupported format"):
+        read_texts(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -23,12 +24,14 @@ from components.distill import (
     DistillPaths,
     check_against_teacher,
     distill,
+    distillation_texts,
     make_student,
     principal_axes,
 )
 from components.embed import load_model
 from components.embed import truncate
 from tests.code.faults import kill_at_first_checkpoint
+from tests.conftest import build_tiny_model
 
 
 @pytest.mark.parametrize(
@@ -186,3 +189,55 @@ def test_the_bucketed_trainer_distils_a_matryoshka_student(
     assert json.loads((paths.output / MATRYOSHKA_FILE).read_text()) == {"matryoshka_dims": [32, 16, 8]}
     card = (paths.output / "README.md").read_text()
     assert "# embedforge student" in card and "usable prefixes: 32, 16, 8" in card
+
+
+def test_the_general_share_of_the_distillation_texts_comes_from_the_general_input() -> None:
+    debian, general = [f"debian {index}" for index in range(100)], [f"general {index}" for index in range(50)]
+    mixed_debian, mixed_general = distillation_texts(debian, general, DistillConfig(distill_texts=40,
+                                                                                    general_text_share=0.25))
+    assert (len(mixed_debian), len(mixed_general)) == (30, 10)
+    assert set(mixed_debian) <= set(debian) and set(mixed_general) <= set(general)
+    only_debian, none = distillation_texts(debian, general, DistillConfig(distill_texts=40))
+    assert none == [] and only_debian == pd.Series(debian).sample(n=40, random_state=42).tolist()
+    every_debian, capped = distillation_texts(debian, general, DistillConfig(distill_texts=None,
+                                                                             general_text_share=0.5))
+    assert sorted(every_debian) == sorted(debian) and sorted(capped) == sorted(general)  # 100 wanted, 50 there
+
+
+def test_a_general_share_without_a_general_text_input_is_refused(
+    tmp_path: Path, tiny_teacher_dir: Path, training_inputs: tuple[Path, Path]
+) -> None:
+    curated, mined = training_inputs
+    paths = DistillPaths(teacher=tiny_teacher_dir, mined=mined, curated=curated, output=tmp_path / "student",
+                         checkpoints=tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="general_text_share is 0.3, but no general-text input"):
+        distill(DistillConfig(layers=[0, 2], matryoshka_dims=[32, 16], general_text_share=0.3), paths)
+    assert not paths.output.exists()
+
+
+def test_a_student_distilled_on_general_text_with_base_targets_records_that_input(
+    tmp_path: Path, training_inputs: tuple[Path, Path]
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from components.artifact_types import Provenance, write_model
+    from components.artifacts import file_sha256
+
+    base = build_tiny_model(tmp_path / "base", layers=4)
+    teacher = tmp_path / "teacher"
+    write_model(SentenceTransformer(str(base), device="cpu"), teacher, Provenance("train", "test", {}), metrics={},
+                extra={"base_model": str(base)})
+    general = tmp_path / "texts.jsonl.gz"
+    general.write_bytes(gzip.compress("".join(json.dumps({"text": f"word {index}: a general meaning"}) + "\n"
+                                              for index in range(40)).encode()))
+    curated, mined = training_inputs
+    config = DistillConfig(trainer="bucketed", layers=[0, 2], matryoshka_dims=[32, 16], batch_size=16,
+                           max_seq_length=32, eval_steps=8, dev_queries=16, dev_corpus=32, distill_texts=80,
+                           general_text_share=0.25, general_targets="base")
+    paths = DistillPaths(teacher=teacher, mined=mined, curated=curated, output=tmp_path / "student",
+                         checkpoints=tmp_path / "ckpt", general_text=general)
+    metrics = distill(config, paths)
+    assert (metrics["distill_texts"], metrics["general_texts"]) == (80, 20)
+    manifest = read_manifest(paths.output, kind="sentence_transformer", schema_version=1)
+    assert manifest.inputs["general_text"] == file_sha256(general)
+    assert file_sha256(general) in (paths.output / "README.md").read_text()

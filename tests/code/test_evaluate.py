@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from components import artifacts
 from components.cli import main as cli_main
-from components.data import BeirDataset, write_beir
+from components.data import BeirDataset, DataError, write_beir
 from components.embed import truncate
 from components.evaluate import (
     EvaluateConfig,
@@ -22,6 +23,7 @@ from components.evaluate import (
     evaluate_grid,
     evaluate_models,
     exact_search,
+    out_of_domain_sets,
     pareto_front,
     retrieval_metrics,
 )
@@ -200,10 +202,13 @@ def test_cli_writes_metrics_report_plots_and_the_evaluation_artifact(tmp_path: P
     params = tmp_path / "params.yaml"
     params.write_text("evaluate: {top_k: 10, latency_queries: 10, max_bytes_per_vector: 8}\n")
     out = tmp_path / "results"
+    ood = tmp_path / "ood"
+    shutil.copytree(retrieval_stack["beir"], ood / "elsewhere")  # stands in for an out-of-domain set
     done = _run_cli(["--params", str(params), "--beir", str(retrieval_stack["beir"]), "--quantized",
                      str(retrieval_stack["quantized"]), "--index", str(retrieval_stack["index"]), "--output",
                      str(out / "evaluation"), "--no-tracking", "--metrics", str(out / "m.json"), "--report",
-                     str(out / "report" / "evaluation.md"), "--plots", str(out / "plots")], cwd=tmp_path)
+                     str(out / "report" / "evaluation.md"), "--plots", str(out / "plots"), "--ood", str(ood)],
+                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "m.json").read_text())
     assert metrics["operating_point/bytes_per_vector"] <= 8
@@ -217,6 +222,10 @@ def test_cli_writes_metrics_report_plots_and_the_evaluation_artifact(tmp_path: P
         "dim,float_flat,int8_flat,binary_flat,binary_flat_rescore\n8,")
     assert "operating point: student/d" in done.stdout
     assert not (tmp_path / "mlflow.db").exists()  # --no-tracking
+    scores = point["out_of_domain"]["scores"]
+    assert scores["student"]["elsewhere"] == metrics["ood/elsewhere/student/d32/ndcg@10"] == scores["student"]["mean"]
+    assert {"ood/mean/student/d8/ndcg@10", "ood/elsewhere/student/d8/recall@100"} <= set(metrics)
+    assert "## Out of domain" in report and "| student |" in report.split("## Out of domain")[1]
 
 
 def test_cli_on_a_bad_beir_dir_exits_2_with_a_one_line_error_naming_the_file(tmp_path: Path) -> None:
@@ -238,3 +247,21 @@ def test_embedforge_dispatcher_refuses_unknown_stages(argv: list[str], code: int
     assert cli_main(argv) == code
     usage = f"usage: embedforge {{{','.join(STAGES)},search,serve,export}}"  # the stages in order, then tools
     assert usage in capsys.readouterr().err
+
+
+def test_an_out_of_domain_set_is_cut_to_its_first_queries_their_passages_and_as_many_others(tmp_path: Path) -> None:
+    corpus = {f"d{index}": f"passage {index}" for index in range(10)}
+    dataset = BeirDataset(corpus=corpus, queries={f"q{index}": f"query {index}" for index in range(5)},
+                          qrels={f"q{index}": {f"d{9 - index}": 1} for index in range(5)})
+    write_beir(tmp_path / "sets" / "one", dataset)
+    (cut,) = out_of_domain_sets(tmp_path / "sets", max_queries=2).values()
+    assert list(cut.queries) == ["q0", "q1"] and cut.qrels == {"q0": {"d9": 1}, "q1": {"d8": 1}}
+    assert set(cut.corpus) == {"d9", "d8", "d0", "d1"}
+
+
+def test_a_missing_or_empty_out_of_domain_folder_is_an_error_saying_what_it_needs(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such folder of out-of-domain sets"):
+        out_of_domain_sets(tmp_path / "nowhere", None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no BEIR set inside"):
+        out_of_domain_sets(tmp_path / "empty", None)

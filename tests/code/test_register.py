@@ -33,7 +33,29 @@ SAME, OTHER = "test-set-a", "test-set-b"
 )
 def test_the_gate_promotes_only_a_model_that_earns_it(candidate: float | None, champion: Champion | None,
                                                       config: dict, promote: bool, reason: str) -> None:
-    decision = decide(candidate, SAME, champion, RegisterConfig(**config))
+    decision = decide(candidate, SAME, champion, RegisterConfig(**{"max_ood_drop": None} | config))
+    assert decision.promote is promote
+    assert any(reason in line for line in decision.reasons), decision.reasons
+
+
+def _ood(student: float, base: float = 0.615) -> dict[str, dict[str, float]]:
+    return {"student": {"foldoc": student, "mean": student}, "base": {"foldoc": base, "mean": base}}
+
+
+@pytest.mark.parametrize(
+    ("scores", "config", "promote", "reason"),
+    [
+        pytest.param(_ood(0.61), {}, True, "out-of-domain nDCG@10 0.6100 >= base 0.6150 - 0.0100", id="kept"),
+        pytest.param(_ood(0.52), {}, False, "out-of-domain nDCG@10 0.5200 < base 0.6150 - 0.0100", id="forgot"),
+        pytest.param(_ood(0.60), {"max_ood_drop": 0.02}, True, ">= base 0.6150 - 0.0200", id="looser-drop"),
+        pytest.param(None, {}, False, "no out-of-domain scores", id="not-scored"),
+        pytest.param({"student": {"mean": 0.7}}, {}, False, "no out-of-domain score for ['base']", id="no-baseline"),
+        pytest.param(None, {"max_ood_drop": None}, True, "no champion yet", id="gate-off"),
+    ],
+)
+def test_a_student_that_lost_the_base_models_quality_out_of_domain_is_never_champion(
+        scores: dict | None, config: dict, promote: bool, reason: str) -> None:
+    decision = decide(0.70, SAME, None, RegisterConfig(**config), scores, "student")
     assert decision.promote is promote
     assert any(reason in line for line in decision.reasons), decision.reasons
 
@@ -47,11 +69,13 @@ def _register(stack: dict[str, Path], evaluation: Path, cwd: Path, *extra: str) 
                        str(cwd / f"{evaluation.name}.json"), *extra], cwd=cwd, env=env, timeout=600)
 
 
-def _evaluation(stack: dict[str, Path], target: Path, ndcg: float) -> Path:
-    """An evaluation artifact whose operating point scores `ndcg` (the gate reads nothing else from it)."""
+def _evaluation(stack: dict[str, Path], target: Path, ndcg: float, ood_drop: float = 0.0) -> Path:
+    """An evaluation artifact whose operating point scores `ndcg` and whose student falls `ood_drop` below the
+    base model out of domain (the gate reads nothing else from it)."""
     point = {"chosen": {"model": "student", "dim": 32, "index": "binary_flat", "precision": "binary", "rescored": True,
                         "ndcg_at_10": ndcg, "bytes_per_vector": 4.0, "p99_ms": 0.5},
-             "reason": "test", "serve_model": "student", "rescore": {"multiplier": 4, "with": "int8"}}
+             "reason": "test", "serve_model": "student", "rescore": {"multiplier": 4, "with": "int8"},
+             "out_of_domain": {"scores": _ood(0.6 - ood_drop, 0.6)}}
     grid = [{"model": "student", "dim": 32, "index": "float_flat", "ndcg_at_10": ndcg + 0.01, "mrr_at_10": 0.7,
              "recall_at_100": 0.9}]
     beir = artifacts.read_manifest(stack["beir"], kind="beir", schema_version=1).fingerprint
@@ -100,6 +124,22 @@ def test_a_worse_student_is_registered_as_candidate_and_a_tie_replaces_the_champ
     tie = _register(retrieval_stack, _evaluation(retrieval_stack, tmp_path / "tie", champion_score), tmp_path)
     assert tie.returncode == 0, tie.stderr
     assert "gate passed: test-student v3 is champion" in tie.stderr
+
+
+@pytest.mark.slow
+def test_a_student_that_forgot_out_of_domain_text_stays_candidate_and_says_why(retrieval_stack: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    result = _register(retrieval_stack, _evaluation(retrieval_stack, tmp_path / "forgot", 0.9, ood_drop=0.05),
+                       tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "gate refused: test-student v1 is candidate" in result.stderr
+    assert "out-of-domain nDCG@10 0.5500 < base 0.6000 - 0.0100" in result.stderr
+    assert json.loads((tmp_path / "forgot.json").read_text())["gate/ood_drop"] == pytest.approx(0.05)
+    candidate = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version_by_alias("test-student",
+                                                                                             "candidate")
+    assert "out-of-domain nDCG@10 0.5500 < base" in candidate.tags["embedforge.gate_reasons"]
 
 
 def test_a_student_other_than_the_evaluated_one_is_refused(retrieval_stack: dict[str, Path], tiny_teacher_dir: Path,
