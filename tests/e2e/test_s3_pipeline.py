@@ -1,4 +1,4 @@
-"""The smoke pipeline on shared infrastructure: raw pairs read from `s3://`, every artifact written to `s3://`,
+"""The smoke pipeline on shared infrastructure: raw inputs read from `s3://`, every artifact written to `s3://`,
 and everything tracked on a real `mlflow server` whose artifact store is S3 too (moto_server on 127.0.0.1).
 
 The stage CLIs run in `dvc.yaml`'s order with `s3://` URIs where `dvc.yaml` has local paths; metrics, plots and
@@ -8,7 +8,6 @@ the report stay local files (DVC's), and the report also goes to MLflow (so to S
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +27,9 @@ pytestmark = pytest.mark.slow
 
 BUCKET = "embedforge-e2e"
 RAW = STAGES_TABLE["curate"].port("input").path
+# The input files the pipeline reads from S3; the out-of-domain sets folder is a local input (or the image's)
+S3_INPUTS = (RAW, STAGES_TABLE["distill"].port("general_text").path)
+LOCAL_INPUTS = (STAGES_TABLE["evaluate"].port("ood").path,)
 ARTIFACTS = {port.path: port.kind.kind  # S3 prefix under the run root -> manifest kind, every artifact of the table
              for stage in STAGES_TABLE.values() for port in stage.outputs if port.kind is not None}
 STAGES = tuple(STAGES_TABLE)
@@ -36,7 +38,8 @@ STAGES = tuple(STAGES_TABLE)
 def stage_argv(root: str) -> dict[str, list[str]]:
     """Each stage's command line as in `dvc.yaml`, with every artifact and the raw input under `root` on S3
     (metrics, plots, reports and checkpoints stay local paths)."""
-    locations = {port.artifact: f"{root}/{port.path}" if port.kind is not None or port in stage.inputs else port.path
+    locations = {port.artifact: f"{root}/{port.path}"
+                 if (port.kind is not None or port in stage.inputs) and port.path not in LOCAL_INPUTS else port.path
                  for stage in STAGES_TABLE.values() for port in stage.ports}
     return {name: command_line(name, locations, params="params.yaml", profile="smoke", knobs={})
             for name in STAGES_TABLE}
@@ -58,8 +61,9 @@ def s3_run(moto_server: S3Server, mlflow_server: MlflowServer,
     project = tracked_copy(tmp_path_factory.mktemp("s3-smoke"))
     run_id = uuid.uuid4().hex[:8]
     root = f"s3://{moto_server.create_bucket(BUCKET)}/runs/{run_id}"
-    moto_server.client().upload_file(str(REPO_ROOT / RAW), BUCKET, f"runs/{run_id}/{RAW}")
-    shutil.rmtree(project / "data" / "raw")  # the pipeline can only read the raw pairs from S3
+    for path in S3_INPUTS:  # the pipeline can only read them from S3
+        moto_server.client().upload_file(str(REPO_ROOT / path), BUCKET, f"runs/{run_id}/{path}")
+        (project / path).unlink()
     env = {**moto_server.env, "MLFLOW_TRACKING_URI": mlflow_server.uri, "HF_HUB_OFFLINE": "1",
            "EMBEDFORGE_PIPELINE_RUN": f"s3-smoke-{run_id}",
            "EMBEDFORGE_CACHE_DIR": str(tmp_path_factory.mktemp("s3-cache")), "AWS_PROFILE": None}
@@ -89,7 +93,7 @@ def test_every_artifact_is_on_s3_with_its_manifest_and_none_is_left_locally(
         assert manifest["kind"] == kind
         assert {f"{prefix}/{artifact}/{name}" for name in manifest["files"]} <= keys, artifact
         assert not (s3_run.project / artifact).exists(), f"{artifact} was written locally"
-    assert not (s3_run.project / "data" / "raw").exists()
+    assert not any((s3_run.project / path).exists() for path in S3_INPUTS)
 
 
 def test_the_artifacts_on_s3_are_one_consistent_lineage(s3_run: S3Run, moto_server: S3Server) -> None:
