@@ -83,7 +83,6 @@ def decide(candidate_ndcg: float | None, test_fingerprint: str, champion: Champi
     ood_ok, ood_reason = out_of_domain_check(out_of_domain, candidate, config)
     if ood_reason:
         reasons.append(ood_reason)
-    floor_ok = floor_ok and ood_ok
     beats_champion = True
     if champion is None:
         reasons.append("no champion yet")
@@ -94,7 +93,7 @@ def decide(candidate_ndcg: float | None, test_fingerprint: str, champion: Champi
         beats_champion = candidate_ndcg >= needed
         reasons.append(f"nDCG@10 {candidate_ndcg:.4f} {'>=' if beats_champion else '<'} champion v{champion.version} "
                        f"{champion.ndcg_at_10:.4f} + {config.min_gain_over_champion:.4f}")
-    return Decision(floor_ok and beats_champion, reasons, candidate_ndcg, champion)
+    return Decision(floor_ok and ood_ok and beats_champion, reasons, candidate_ndcg, champion)
 
 
 def out_of_domain_check(scores: dict[str, dict[str, float]] | None, candidate: str,
