@@ -123,7 +123,7 @@ def dev_evaluator(pairs: pd.DataFrame, *, queries: int, corpus: int, seed: int) 
 
     A sample, because encoding the full dev corpus at every evaluation would dominate CPU training time.
     """
-    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from components.dev_evaluation import DevEvaluator
 
     dev = pairs[pairs["split"] == "dev"]
     if dev.empty:
@@ -133,7 +133,7 @@ def dev_evaluator(pairs: pd.DataFrame, *, queries: int, corpus: int, seed: int) 
     distractors = dev[~dev["id"].isin(sampled["id"])]
     distractors = distractors.iloc[rng.permutation(len(distractors))[: max(corpus - len(sampled), 0)]]
     documents = pd.concat([sampled, distractors])
-    return InformationRetrievalEvaluator(
+    return DevEvaluator(
         queries=dict(zip(sampled["id"], sampled["query"], strict=True)),
         corpus=dict(zip(documents["id"], documents["positive"], strict=True)),
         relevant_docs={row_id: {row_id} for row_id in sampled["id"]},

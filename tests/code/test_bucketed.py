@@ -14,7 +14,7 @@ from components.bucketed import (Schedule, epoch_batches, fit, length_buckets, l
                                  tokenize, without_duplicates)
 from components.config import ConfigError
 from components.embed import encode_pipelined, load_model
-from components.training import fit_bucketed
+from components.training import dev_evaluator, fit_bucketed
 from tests.conftest import TOPICS
 
 TEXTS = [f"{topic} {kind} for {user}" + " with details" * (index % 7)
@@ -88,6 +88,25 @@ def test_pipelined_encoding_gives_encodes_vectors_in_the_texts_order(tiny_model_
     assert vectors.dtype == np.float32 and vectors.shape == expected.shape
     assert np.abs(vectors - expected).max() < 1e-5
     assert encode_pipelined(model, [], batch_size=8).shape == (0, expected.shape[1])
+
+
+def test_the_dev_evaluation_scores_the_same_when_its_texts_are_encoded_pipelined(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import components.dev_evaluation
+
+    calls = []
+    monkeypatch.setattr(components.dev_evaluation, "encode_pipelined",
+                        lambda *args, **kwargs: calls.append(1) or encode_pipelined(*args, **kwargs))
+    model = load_model(str(tiny_model_dir))
+    pairs = pd.DataFrame({"id": [f"q{i}" for i in range(len(TEXTS))], "query": [f"which {t}?" for t in TEXTS],
+                          "positive": TEXTS, "split": "dev"})
+    plain = dev_evaluator(pairs, queries=20, corpus=len(TEXTS), seed=0)
+    pipelined = dev_evaluator(pairs, queries=20, corpus=len(TEXTS), seed=0)
+    pipelined.pipelined_devices = frozenset({model.device.type})  # as on a GPU
+    plain_scores, pipelined_scores = plain(model), pipelined(model)
+    assert plain_scores.keys() == pipelined_scores.keys()
+    assert all(abs(plain_scores[key] - pipelined_scores[key]) < 1e-6 for key in plain_scores)
+    assert len(calls) == 2  # the queries, then the corpus in one chunk
 
 
 def _contrastive_task(model: object) -> dict[str, object]:
