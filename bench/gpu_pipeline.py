@@ -11,7 +11,9 @@ machine. There:
     python bench/gpu_pipeline.py run --out DIR --budget-s 480                  # dvc repro; DIR/pipeline.json,
                                                                                # DIR/dvc_repro.log, DIR/run.tar.gz
 
-`run --profile smoke` rehearses the same on a CPU. Where the working tree is no git repository (the tool copies
+A whole run outlasts one call (10 minutes at most): start it detached in one call, `setsid nohup python
+bench/gpu_pipeline.py run --out DIR ... &`, then `wait --out DIR --pid $! --timeout-s N` in that call and
+`wait --out DIR --timeout-s N` in the next ones; `wait` returns as soon as the run's process is gone. `run --profile smoke` rehearses the same on a CPU. Where the working tree is no git repository (the tool copies
 files, not history), DVC runs without an SCM (`core.no_scm`), and the model cards name no commit.
 """
 
@@ -34,11 +36,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.config import load_stage_config
-from components.curate import CurateConfig
-from components.embed import PACKAGE_PREFIX
+# This copy's stages and the sibling bench's GPU sampler, whatever the caller's PYTHONPATH or installed package.
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPOSITORY), str(REPOSITORY / "bench")]
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench's GPU sampler
+from components.config import load_stage_config  # noqa: E402
+from components.curate import CurateConfig  # noqa: E402
+from components.embed import PACKAGE_PREFIX  # noqa: E402
 from gpu_throughput import Utilisation  # noqa: E402
 
 log = logging.getLogger("gpu_pipeline")
@@ -47,6 +51,7 @@ STAGE_LINE = re.compile(r"^Running stage '([\w-]+)'")
 PROFILE_LINE = re.compile(r"^profile: *\w+", re.MULTILINE)
 # What comes back: the run's metrics, plots' tables, report, cards, lock and tracking store (not the models).
 COMPRESSED_WEIGHTS = "model.safetensors.xz"
+PID_FILE = "run.pid"
 BUNDLED = ["dvc.lock", "params.yaml", "metrics", "plots", "reports/evaluation.md", "reports/ndcg_vs_dim.png",
            "models/teacher/README.md", "models/student/README.md", "mlflow.db"]
 
@@ -170,13 +175,15 @@ def machine() -> dict[str, Any]:
 
     from components.faiss_device import exact_search_device
 
-    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    return {"repository": str(REPOSITORY),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "cpus": os.cpu_count(), "exact_search": exact_search_device(),
             "python": sys.version.split()[0]}
 
 
 def run(out: Path, profile: str, budget_s: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / PID_FILE).write_text(str(os.getpid()))
     result = {"machine": machine()} | repro(out, profile, budget_s)
     result["metrics"] = {path.stem: json.loads(path.read_text()) for path in sorted(Path("metrics").glob("*.json"))}
     (out / "pipeline.json").write_text(json.dumps(result, indent=2))
@@ -188,6 +195,33 @@ def run(out: Path, profile: str, budget_s: float) -> None:
                      indent=1))
     if result["returncode"] != 0:
         raise SystemExit(f"dvc repro exited with {result['returncode']}")
+
+
+def wait(out: Path, timeout_s: float, pid: int | None = None) -> bool:
+    """Whether the run writing to `out` (started detached, to outlive one call of the device tool) has ended:
+    polled until its pipeline.json appears, its process (`pid`, else the one `out` names) is gone, or
+    `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (out / "pipeline.json").exists():
+            return True
+        pid_file = out / PID_FILE
+        if pid is None and pid_file.exists():
+            pid = int(pid_file.read_text())
+        if pid is not None and not _alive(pid):
+            log.error("the run ended without writing %s: see its output", out / "pipeline.json")
+            return True
+        time.sleep(2)
+    log.info("the run is still going after %.0f s", timeout_s)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def main() -> None:
@@ -203,12 +237,19 @@ def main() -> None:
     runner.add_argument("--profile", default="gpu")
     runner.add_argument("--budget-s", type=float, default=480.0,
                         help="interrupt dvc repro after this many seconds, so that what finished comes back")
+    waiter = commands.add_parser("wait", help="until a detached run ends, or --timeout-s passes")
+    waiter.add_argument("--out", type=Path, required=True)
+    waiter.add_argument("--timeout-s", type=float, required=True)
+    waiter.add_argument("--pid", type=int, help="the run's process (`$!`), for a run that fails before its first "
+                                                "line")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "compress-base":
         compress_base(args.packed)
     elif args.command == "install-base":
         install_base(args.packed, args.site)
+    elif args.command == "wait":
+        wait(args.out, args.timeout_s, args.pid)
     else:
         run(args.out, args.profile, args.budget_s)
 

@@ -209,19 +209,39 @@ def rebuild_artifacts(packed: Path, work: Path) -> tuple[Path, Path, Path]:
 
 def host_preparation(model: Any, passages: list[str], batch_size: int = 1024) -> dict[str, float]:
     """Passages/s of the host's work per batch, no model run: sentence-transformers' `tokenize` (what its `encode`
-    does per batch) against the tokenizer called directly and `pad` (what `encode_pipelined` does)."""
+    does per batch) against the tokenizer called directly and `pad` (what `encode_pipelined` does), the latter
+    also with the tokenizer held to one thread (`TOKENIZERS_PARALLELISM=false`, which every stage set until the
+    H200 showed it bounding embedding; the variable is read at each call)."""
     from components.bucketed import pad, tokenize
 
     batches = [passages[start:start + batch_size] for start in range(0, len(passages), batch_size)]
     timings = {}
-    for name, prepare in (("st_tokenize", model.tokenize),
-                          ("tokenize_and_pad", lambda batch: pad(tokenize(model, batch), 0))):
-        started = time.perf_counter()
-        for batch in batches:
-            prepare(batch)
+    for name, prepare, parallel in (("st_tokenize", model.tokenize, "true"),
+                                    ("tokenize_and_pad", lambda batch: pad(tokenize(model, batch), 0), "true"),
+                                    ("tokenize_and_pad_one_thread", lambda batch: pad(tokenize(model, batch), 0),
+                                     "false")):
+        with tokenizer_parallelism(parallel):
+            started = time.perf_counter()
+            for batch in batches:
+                prepare(batch)
         timings[f"{name}_passages_per_s"] = len(passages) / (time.perf_counter() - started)
     timings["ratio"] = timings["tokenize_and_pad_passages_per_s"] / timings["st_tokenize_passages_per_s"]
+    timings["threads_ratio"] = (timings["tokenize_and_pad_passages_per_s"]
+                                / timings["tokenize_and_pad_one_thread_passages_per_s"])
     return timings
+
+
+@contextlib.contextmanager
+def tokenizer_parallelism(value: str) -> Iterator[None]:
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def step_flops(model: Any, loss: Any, features: list[dict[str, Any]], labels: Any) -> float:

@@ -194,7 +194,6 @@ def configure_logging(verbose: bool) -> None:
     # Libraries' advice meant for their developers, not for users of a pipeline (filtered by message, not blanket).
     warnings.filterwarnings("ignore", message=".*`resume_download` is deprecated.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="great_expectations")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def parse_stage_args(

@@ -130,32 +130,10 @@ def encode(model: SentenceTransformer, texts: list[str], *, batch_size: int, lab
 
 def encode_pipelined(model: SentenceTransformer, texts: list[str], *, batch_size: int) -> np.ndarray:
     """Unit-length float32 vectors, the longest texts first so that each batch pads little, each batch tokenised
-    and padded on a background thread while the device encodes the one before, and the vectors kept on the
-    device until the end. sentence-transformers' `encode` prepares each batch in the main thread at 4.5 times
-    this cost per text (`components.bucketed.tokenize`). Same vectors as `encode` up to float rounding."""
-    import torch
-
-    from components.bucketed import pad, prefetched, tokenize
-
-    dim = model.get_embedding_dimension()
-    if not texts:
-        return np.empty((0, dim), dtype=np.float32)
+    and padded on a background thread while the device encodes the one before (`encode_batches`). Same vectors
+    as `encode` up to float rounding."""
     order = np.argsort([-len(text) for text in texts], kind="stable")
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    pin = model.device.type == "cuda"
-    pad_id = model.tokenizer.pad_token_id or 0
-
-    def prepare(batch: np.ndarray) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-        return batch, pad(tokenize(model, [texts[i] for i in batch]), pad_id, pin=pin)
-
-    vectors = torch.empty((len(texts), dim), dtype=torch.float32, device=model.device)
-    model.eval()
-    with torch.inference_mode():
-        for batch, features in prefetched(batches, prepare):
-            features = {key: value.to(model.device, non_blocking=True) for key, value in features.items()}
-            embeddings = model(features)["sentence_embedding"].float()
-            vectors[torch.from_numpy(batch).to(model.device)] = torch.nn.functional.normalize(embeddings, dim=-1)
-    return vectors.cpu().numpy()
+    return encode_batches(model, texts, [order[start:start + batch_size] for start in range(0, len(order), batch_size)])
 
 
 def encode_fixed_batches(model: SentenceTransformer, batches: list[list[str]], *, label: str) -> Encoded:
@@ -163,17 +141,46 @@ def encode_fixed_batches(model: SentenceTransformer, batches: list[list[str]], *
     order, ~1e-7), so fixing the batches makes the vectors bit-identical however the batches are spread over
     processes or machines of one kind."""
     started = time.perf_counter()
-    dim = model.get_embedding_dimension()
-    parts = []
-    for number, batch in enumerate(batches, start=1):
-        parts.append(np.asarray(model.encode(batch, batch_size=len(batch), convert_to_numpy=True,
-                                             normalize_embeddings=True, show_progress_bar=False), dtype=np.float32))
-        if number % 100 == 0:
-            log.info("%s: %d of %d batches in %.0fs", label, number, len(batches), time.perf_counter() - started)
-    vectors = np.concatenate(parts) if parts else np.empty((0, dim), dtype=np.float32)
+    texts = [text for batch in batches for text in batch]
+    bounds = np.cumsum([0, *(len(batch) for batch in batches)])
+    vectors = encode_batches(model, texts, [np.arange(bounds[i], bounds[i + 1]) for i in range(len(batches))],
+                             label=label)
     result = Encoded(vectors=vectors, seconds=time.perf_counter() - started)
     log.info("encoded %d %s in %.1fs (%.0f texts/s)", len(vectors), label, result.seconds, result.per_second)
     return result
+
+
+def encode_batches(model: SentenceTransformer, texts: list[str], batches: list[np.ndarray], *,
+                   label: str | None = None) -> np.ndarray:
+    """Unit-length float32 vectors of `texts` in their order, encoded in the `batches` given (positions into
+    `texts`), each batch tokenised and padded on a background thread while the device encodes the one before,
+    the vectors kept on the device until the end. sentence-transformers' `encode` prepares each batch in the
+    main thread at 4 times this cost per text (`components.bucketed.tokenize`); with `label`, progress is
+    logged every 100 batches."""
+    import torch
+
+    from components.bucketed import pad, prefetched, tokenize
+
+    dim = model.get_embedding_dimension()
+    if not texts:
+        return np.empty((0, dim), dtype=np.float32)
+    pin = model.device.type == "cuda"
+    pad_id = model.tokenizer.pad_token_id or 0
+
+    def prepare(batch: np.ndarray) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        return batch, pad(tokenize(model, [texts[i] for i in batch]), pad_id, pin=pin)
+
+    started = time.perf_counter()
+    vectors = torch.empty((len(texts), dim), dtype=torch.float32, device=model.device)
+    model.eval()
+    with torch.inference_mode():
+        for number, (batch, features) in enumerate(prefetched(batches, prepare), start=1):
+            features = {key: value.to(model.device, non_blocking=True) for key, value in features.items()}
+            embeddings = model(features)["sentence_embedding"].float()
+            vectors[torch.from_numpy(batch).to(model.device)] = torch.nn.functional.normalize(embeddings, dim=-1)
+            if label is not None and number % 100 == 0:
+                log.info("%s: %d of %d batches in %.0fs", label, number, len(batches), time.perf_counter() - started)
+    return vectors.cpu().numpy()
 
 
 def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
