@@ -299,7 +299,7 @@ def run_stage(
     finally:
         staging.cleanup()
     if metrics_path is not None:
-        write_json_atomic(metrics_path, outcome.metrics)
+        write_json_atomic(metrics_path, STAGES[stage].headline_metrics(outcome.metrics))
     return outcome
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +74,9 @@ class Stage:
     outputs: tuple[Port, ...]
     gpu: bool = False  # runs on the CUDA image with a GPU request under Kubeflow and Kubernetes
     knobs: Mapping[str, str] = field(default_factory=dict)  # pipeline parameter -> this stage's param key
-    # The few metrics an orchestrator's run view shows (key prefixes; empty: all): the full set stays in the
-    # metrics file, MLflow and the stage's artifact.
+    # What the stage's metrics file holds (regular expressions matched at a key's start; empty: every metric):
+    # what `dvc exp show`, Kubeflow's run view and Airflow's XCom show. Every metric goes to MLflow, and a grid's
+    # rows stay in the stage's artifact.
     headline: tuple[str, ...] = ()
 
     @property
@@ -92,6 +94,11 @@ class Stage:
 
     def port(self, name: str) -> Port:
         return next(port for port in self.ports if port.name == name)
+
+    def headline_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The metrics the stage's metrics file holds (`headline`)."""
+        return {key: value for key, value in metrics.items()
+                if not self.headline or any(re.match(pattern, key) for pattern in self.headline)}
 
 
 def _metrics(stage: str) -> Port:
@@ -166,6 +173,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         "index", "faiss float / int8 / binary, Flat and HNSW, per model and dim",
         inputs=(QUANTIZED_IN,),
         outputs=(Port("output", "indexes", "data/index", "index artifact", kind=INDEXES), _metrics("index")),
+        headline=("indexes$", "seconds$"),  # each index's bytes and build time: its record, and evaluate's grid
     ),
     Stage(
         "evaluate", "the whole grid, the Pareto front and the operating point; the report",
@@ -184,7 +192,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
                  Port("plots", "plots", "plots", "folder of CSV plot data (DVC plots)", dvc="plots",
                       dvc_paths=(("plots", "plots/ndcg_vs_dim.csv"), ("plots", "plots/ndcg_vs_dim_by_precision.csv"),
                                  ("plots", "plots/ndcg_vs_bytes.csv")))),
-        headline=("operating_point/", "documents", "queries", "seconds"),
+        # grid mode: the operating point and each model's exact and out-of-domain nDCG@10 at its full dim;
+        # `--model` mode: each model's nDCG@10 at each dim
+        headline=("operating_point/", r"[^/]+/(ood_)?ndcg@10$", r"[^/]+/d\d+/ndcg@10$", r"[^/]+/encode_docs_per_s$",
+                  "documents$", "queries$", "seconds$"),
     ),
     Stage(
         "register", "the gate: register the student in MLflow; `champion` only when it earns it",

@@ -133,8 +133,7 @@ def run(stage: str, values: dict[str, Any]) -> dict[str, float]:
     for port in row.outputs:
         if port.name in MARKDOWN_VIEWS and Path(locations[port.artifact]).exists():
             Path(values[parameter_name(port)].path).write_text(markdown_view(Path(locations[port.artifact])))
-    metrics = json.loads(metrics_file.read_text())
+    metrics = json.loads(metrics_file.read_text())  # the stage's headline (components.stages.Stage.headline)
     for key, value in metrics.items():
-        if not row.headline or key.startswith(row.headline):
-            values["metrics"].log_metric(key, float(value))
+        values["metrics"].log_metric(key, float(value))
     return metrics

@@ -30,8 +30,9 @@ def tracked_copy(destination: Path) -> Path:
             target = destination / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "copy"]):
+    for command in (["git", "init", "-q"], ["git", "config", "user.name", "t"],  # dvc exp commits need a name
+                    ["git", "config", "user.email", "t@example.org"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=destination, check=True)
     return destination
 
@@ -63,6 +64,7 @@ def run_dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def save_smoke_results(project: Path) -> Path:
     """Keep what `dvc repro` made of the smoke profile, before any test changes the project."""
     shutil.copytree(project / "metrics", SMOKE_RESULTS / "metrics", dirs_exist_ok=True)
+    shutil.copy2(project / "data/evaluation/grid.json", SMOKE_RESULTS / "grid.json")
     for name in COMPARED_ARTIFACTS:
         target = SMOKE_RESULTS / "manifests" / name
         target.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,11 @@ def assert_same_as_dvc(results: Path, artifacts: dict[str, Path], grid_file: Pat
         dvc = json.loads((results / "manifests" / name / "manifest.json").read_text())
         made = read_manifest(path, kind=dvc["kind"], schema_version=dvc["schema_version"])
         assert made.fingerprint == dvc["fingerprint"], f"{name} differs from what dvc repro made"
-    dvc_metrics = json.loads((results / "metrics" / "evaluate.json").read_text())
-    for row in json.loads(grid_file.read_text()):
-        key = f"{row['model']}/d{row['dim']}/{row['index']}{'_rescore' if row['rescored'] else ''}/ndcg@10"
-        assert row["ndcg_at_10"] == pytest.approx(dvc_metrics[key], abs=1e-4), key
+    def scores(grid: Path) -> dict[tuple[str, int, str, bool], float]:
+        return {(row["model"], row["dim"], row["index"], row["rescored"]): row["ndcg_at_10"]
+                for row in json.loads(grid.read_text())}
+
+    dvc_scores, made_scores = scores(results / "grid.json"), scores(grid_file)
+    assert set(made_scores) == set(dvc_scores)
+    for key, ndcg in made_scores.items():
+        assert ndcg == pytest.approx(dvc_scores[key], abs=1e-4), key

@@ -55,11 +55,15 @@ def test_smoke_repro_writes_metrics_plots_and_report(smoke_project: Path) -> Non
     curate = json.loads((smoke_project / "metrics/curate.json").read_text())
     assert curate["rows_sampled"] - curate["dropped_total"] == curate["rows_out"]
     evaluate = json.loads((smoke_project / "metrics/evaluate.json").read_text())
+    grid = json.loads((smoke_project / "data/evaluation/grid.json").read_text())
+    scored = {(row["model"], row["dim"], row["index"] + ("_rescore" if row["rescored"] else "")): row["ndcg_at_10"]
+              for row in grid}
     for model in ("base", "teacher", "student"):
         for dim in (384, 64):
             for config in ("float_flat", "float_hnsw", "int8_flat", "binary_flat", "binary_hnsw",
                            "binary_flat_rescore", "binary_hnsw_rescore"):
-                assert 0.0 < evaluate[f"{model}/d{dim}/{config}/ndcg@10"] <= 1.0
+                assert 0.0 < scored[(model, dim, config)] <= 1.0
+        assert evaluate[f"{model}/ndcg@10"] == scored[(model, 384, "float_flat")]
     assert evaluate["queries"] == curate["rows_test"]
     assert evaluate["operating_point/bytes_per_vector"] <= 64
     train = json.loads((smoke_project / "metrics/train.json").read_text())
@@ -73,7 +77,7 @@ def test_smoke_repro_writes_metrics_plots_and_report(smoke_project: Path) -> Non
     assert "| student | 64 | binary_flat_rescore |" in report and "## Pareto front" in report
     assert (smoke_project / "reports/ndcg_vs_bytes.png").stat().st_size > 0
     shown = run_dvc(smoke_project, "metrics", "show", "--json")
-    assert "student/d64/int8_flat/ndcg@10" in shown.stdout
+    assert "student/ndcg@10" in shown.stdout and "student/d64/int8_flat/ndcg@10" not in shown.stdout
 
 
 def test_smoke_repro_tracks_one_parent_run_with_a_nested_run_per_stage(smoke_project: Path) -> None:
@@ -184,6 +188,28 @@ def test_a_repro_killed_inside_a_stage_leaves_nothing_half_written_and_the_next_
         assert f"Stage '{stage}' is cached - skipping run" in back.stdout, back.stdout[-4000:]
     assert read_manifest(smoke_project / "data/index", kind="faiss_indexes", schema_version=1).fingerprint == \
         before.fingerprint
+
+
+def test_dvc_experiments_of_two_settings_compare_by_their_headline_metrics(smoke_project: Path) -> None:
+    """`dvc exp run -S` as users try settings: each re-runs only the stages the setting reaches, and `dvc exp
+    show --only-changed` puts the experiments side by side with the setting and the headline metrics, not the
+    evaluation grid (that stays in data/evaluation and MLflow)."""
+    import csv
+
+    for multiplier in (2, 8):
+        result = run_dvc(smoke_project, "exp", "run", "-S", f"evaluate.rescore_multiplier={multiplier}")
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        assert "Running stage 'evaluate'" in result.stdout and "Running stage 'index'" not in result.stdout
+    def table(*options: str) -> list[dict[str, str]]:
+        shown = run_dvc(smoke_project, "exp", "show", "--csv", *options)
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        return list(csv.DictReader(shown.stdout.splitlines()))
+
+    changed = table("--only-changed")
+    assert sorted(row["evaluate.rescore_multiplier"] for row in changed if row["Experiment"]) == ["2", "8"], changed
+    columns = {column.split(":")[-1] for column in table()[0]}  # a name shared by two files gets the file's prefix
+    assert {"operating_point/ndcg@10", "student/ndcg@10", "student/ood_ndcg@10", "gate/promoted"} <= columns
+    assert not [column for column in columns if "_flat" in column or column.startswith("ood/")]
 
 
 @pytest.mark.slow
