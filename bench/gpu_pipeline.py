@@ -13,7 +13,8 @@ machine. There:
 
 A whole run outlasts one call (10 minutes at most): start it detached in one call, `setsid nohup python
 bench/gpu_pipeline.py run --out DIR ... &`, then `wait --out DIR --pid $! --timeout-s N` in that call and
-`wait --out DIR --timeout-s N` in the next ones; `wait` returns as soon as the run's process is gone. `run --profile smoke` rehearses the same on a CPU. Where the working tree is no git repository (the tool copies
+`wait --out DIR --timeout-s N` in the next ones; `wait` returns as soon as the run's process is gone.
+`run --profile smoke` rehearses the same on a CPU. Where the working tree is no git repository (the tool copies
 files, not history), DVC runs without an SCM (`core.no_scm`), and the model cards name no commit.
 """
 
@@ -49,9 +50,9 @@ log = logging.getLogger("gpu_pipeline")
 
 STAGE_LINE = re.compile(r"^Running stage '([\w-]+)'")
 PROFILE_LINE = re.compile(r"^profile: *\w+", re.MULTILINE)
-# What comes back: the run's metrics, plots' tables, report, cards, lock and tracking store (not the models).
 COMPRESSED_WEIGHTS = "model.safetensors.xz"
 PID_FILE = "run.pid"
+# What comes back: the run's metrics, plots' tables, report, cards, lock and tracking store (not the models).
 BUNDLED = ["dvc.lock", "params.yaml", "metrics", "plots", "reports/evaluation.md", "reports/ndcg_vs_dim.png",
            "models/teacher/README.md", "models/student/README.md", "mlflow.db"]
 

@@ -382,7 +382,6 @@ def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, i
     for row in grid:
         for name in ("ndcg_at_10", "mrr_at_10", "recall_at_100", "p50_ms", "p99_ms", "bytes_per_vector"):
             metrics[f"{row.key}/{name.replace('_at_', '@')}"] = getattr(row, name)
-    metrics |= headline_scores(metrics, full_dims, bool(ood_sets))
     pareto = pareto_front(grid)
     chosen, reason = choose_operating_point(grid, config)
     if chosen is not None:
@@ -392,19 +391,21 @@ def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, i
     metrics |= {"queries": len(query_ids), "documents": len(quantized.doc_ids),
                 "seconds": time.perf_counter() - started}
     out_of_domain = out_of_domain_table(metrics, full_dims, list(ood_sets)) if ood_sets else {}
+    metrics |= headline_scores(metrics, full_dims, out_of_domain)
     return EvaluateResult(metrics=metrics, table=summary_table(grid, chosen), data_fingerprint=beir_fingerprint,
                           grid=grid, pareto=pareto, chosen=chosen, choice_reason=reason, out_of_domain=out_of_domain)
 
 
-def headline_scores(metrics: dict[str, float], full_dims: dict[str, int], out_of_domain: bool) -> dict[str, float]:
-    """Each model's exact float nDCG@10 at its full dim, `<model>/ndcg@10`, and its out-of-domain mean there,
-    `<model>/ood_ndcg@10`: the few numbers that tell experiments apart (`dvc exp show`)."""
+def headline_scores(metrics: dict[str, float], full_dims: dict[str, int],
+                    out_of_domain: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each model's exact float nDCG@10 at its full dim, `<model>/ndcg@10`, and its out-of-domain mean there
+    (`out_of_domain_table`), `<model>/ood_ndcg@10`: the few numbers that tell experiments apart (`dvc exp show`)."""
     scores = {}
     for name, dim in full_dims.items():
         if f"{name}/d{dim}/float_flat/ndcg@10" in metrics:
             scores[f"{name}/ndcg@10"] = metrics[f"{name}/d{dim}/float_flat/ndcg@10"]
-        if out_of_domain:
-            scores[f"{name}/ood_ndcg@10"] = metrics[f"ood/mean/{name}/d{dim}/ndcg@10"]
+        if name in out_of_domain:
+            scores[f"{name}/ood_ndcg@10"] = out_of_domain[name]["mean"]
     return scores
 
 

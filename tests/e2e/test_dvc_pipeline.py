@@ -200,6 +200,7 @@ def test_dvc_experiments_of_two_settings_compare_by_their_headline_metrics(smoke
         result = run_dvc(smoke_project, "exp", "run", "-S", f"evaluate.rescore_multiplier={multiplier}")
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         assert "Running stage 'evaluate'" in result.stdout and "Running stage 'index'" not in result.stdout
+
     def table(*options: str) -> list[dict[str, str]]:
         shown = run_dvc(smoke_project, "exp", "show", "--csv", *options)
         assert shown.returncode == 0, shown.stderr[-2000:]
