@@ -297,7 +297,7 @@ def run(out: Path, packed: Path, quick: bool, skip_encode: bool = False, host_on
     from components.bucketed import Schedule as LoopSchedule
     from components.bucketed import fit, objective, pad
     from components.distill import DistillConfig, DistillPaths, distill
-    from components.embed import encode, encode_pipelined, load_model
+    from components.embed import encode_pipelined, load_model
     from components.evaluate import EvaluateConfig, evaluate_models
     from components.faiss_device import exact_search_device
     from components.train import TrainConfig, TrainPaths, train, training_frame

@@ -21,34 +21,14 @@ import pandas as pd
 from components.embed import encode, load_model
 from components.evaluate import EvaluateConfig, latency_ms, make_searcher, search_all
 from components.artifact_types import (
-    PRECISION_OF,
-    IndexRecord,
+    InMemoryCorpus,
     binary_codes,
+    build_index,
     calibration_ranges,
     dequantize_int8,
-    int8_codes,
     read_embeddings,
 )
-from components.index import IndexConfig, build_index
-
-
-class InMemoryCorpus:
-    """The quantize artifact's interface over arrays held in memory, so the stage's own index builders run."""
-
-    def __init__(self, vectors: np.ndarray, ranges: np.ndarray) -> None:
-        self._vectors, self._ranges = vectors, ranges
-
-    def float32(self, model: str, dim: int) -> np.ndarray:
-        return self._vectors
-
-    def int8(self, model: str, dim: int) -> np.ndarray:
-        return int8_codes(self._vectors, self._ranges)
-
-    def ubinary(self, model: str, dim: int) -> np.ndarray:
-        return binary_codes(self._vectors)
-
-    def ranges(self, model: str, dim: int) -> np.ndarray:
-        return self._ranges
+from components.index import IndexConfig
 
 
 def grow(vectors: np.ndarray, size: int, seed: int, noise: float = 0.3) -> np.ndarray:
@@ -93,20 +73,21 @@ def main() -> None:
     bits = binary_codes(queries)
     ranges = calibration_ranges(vectors[np.random.default_rng(0).choice(len(vectors), 2000, replace=False)])
     evaluate_config = EvaluateConfig(top_k=10, rescore_multiplier=4, hnsw_ef_search=64)
+    hnsw = {"hnsw_m": IndexConfig().hnsw_m, "hnsw_ef_construction": IndexConfig().hnsw_ef_construction}
     rows = []
     for size in [s or len(vectors) for s in args.sizes]:
         corpus = grow(vectors, size, seed=1)
-        corpus_view = InMemoryCorpus(corpus, ranges)
         dim = corpus.shape[1]
-        _, truth = search_all(make_searcher(build_index("float_flat", corpus_view, "m", dim, IndexConfig()),
-                                            _record("float_flat", size, dim), None, evaluate_config),
+        corpus_view = InMemoryCorpus(corpus, {dim: ranges})
+        _, truth = search_all(make_searcher(build_index("float_flat", corpus_view, "m", dim, **hnsw),
+                                            "float_flat", None, evaluate_config),
                               queries, bits, 10)
         int8_store = None
         for kind in args.types:
             if size >= 1_000_000 and kind in args.skip_at_1m:
                 continue
             started = time.perf_counter()
-            index = build_index(kind, corpus_view, "m", dim, IndexConfig())
+            index = build_index(kind, corpus_view, "m", dim, **hnsw)
             build_s = time.perf_counter() - started
             import faiss
 
@@ -118,7 +99,7 @@ def main() -> None:
                     int8_store = dequantize_int8(corpus_view.int8("m", dim), ranges)
                 stores.append(int8_store)
             for store in stores:
-                searcher = make_searcher(index, _record(kind, size, dim), store, evaluate_config)
+                searcher = make_searcher(index, kind, store, evaluate_config)
                 _, found = search_all(searcher, queries, bits, 10)
                 p50, p99 = latency_ms(searcher, queries, bits, args.queries)
                 rows.append({"vectors": size, "index": kind + ("_rescore" if store is not None else ""),
@@ -135,11 +116,6 @@ def main() -> None:
                   f"{at.loc['float_flat', 'p50_ms'] / at.loc['binary_hnsw', 'p50_ms']:.1f}x; "
                   f"binary HNSW recall@10 {at.loc['binary_hnsw', 'recall@10']:.3f} "
                   f"(rescored {at.loc['binary_hnsw_rescore', 'recall@10']:.3f})")
-
-
-def _record(kind: str, size: int, dim: int) -> IndexRecord:
-    return IndexRecord(model="m", dim=dim, type=kind, precision=PRECISION_OF[kind], vectors=size, vector_bytes=0,
-                       file_bytes=0, build_seconds=0.0, file="")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from index_scaling import grow, recall_at_10  # noqa: E402
 from components.artifact_types import (  # noqa: E402
     CURATE_PLAN,
     EMBEDDED_SHARD,
-    IndexRecord,
     Provenance,
     binary_codes,
     calibration_ranges,
@@ -59,7 +58,7 @@ from components.data import read_pairs  # noqa: E402
 from components.embed import encode, encode_fixed_batches, load_model  # noqa: E402
 from components.evaluate import EvaluateConfig, Int8Rows, latency_ms, make_searcher, search_all  # noqa: E402
 from components.faiss_device import candidate_search, ivf_lists  # noqa: E402
-from components.index import binary_ivf_index  # noqa: E402
+from components.artifact_types import binary_ivf_index  # noqa: E402
 
 SNAPSHOT = Path("data/raw/debian-bookworm/pairs.jsonl.gz")
 
@@ -212,10 +211,8 @@ def index_at(size: int, vectors: np.ndarray, queries: np.ndarray, scratch: Path)
 
     def measure(name: str, index: Any, kind: str, ram: float, disk: float, build_s: float,
                 store: Any = None, multiplier: int = 1, nprobe: int = 32) -> None:
-        record = IndexRecord(model="m", dim=dim, type=kind, precision="binary" if "binary" in kind else "float32",
-                             vectors=size, vector_bytes=0, file_bytes=0, build_seconds=build_s, file="")
         config = EvaluateConfig(top_k=10, rescore_multiplier=multiplier, hnsw_ef_search=64, ivf_nprobe=nprobe)
-        searcher = make_searcher(index, record, store, config)
+        searcher = make_searcher(index, kind, store, config)
         _, found = search_all(searcher, queries, bits, 10)
         p50, p99 = latency_ms(searcher, queries, bits, len(queries))
         rows.append({"vectors": size, "index": name, "ram_B_per_vector": ram, "disk_B_per_vector": disk,

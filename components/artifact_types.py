@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -209,10 +209,12 @@ MATRYOSHKA_FILE = "embedforge_matryoshka.json"
 
 
 def write_model(model: SentenceTransformer, target: Path, provenance: Provenance, *, metrics: dict[str, float],
-                extra: dict[str, object], matryoshka_dims: list[int] | None = None, card: str | None = None) -> None:
+                extra: dict[str, object], matryoshka_dims: list[int] | None = None, card: str | None = None,
+                onnx_int8: bool = False) -> None:
     """Save a model in sentence-transformers format (safetensors) as an atomically published artifact; a
     Matryoshka model records its nested dims beside it (what quantize's `dims: null` means); `card` replaces
-    the generic README.md model card sentence-transformers writes (components/model_card.py)."""
+    the generic README.md model card sentence-transformers writes (components/model_card.py); `onnx_int8` adds
+    its checked ONNX export, which every later load then runs (components/export.py)."""
     with MODEL.publish(target, provenance) as (tmp, meta):
         model.save(str(tmp), safe_serialization=True)
         if card is not None:
@@ -222,6 +224,10 @@ def write_model(model: SentenceTransformer, target: Path, provenance: Provenance
         meta["counts"] = {"layers": model[0].auto_model.config.num_hidden_layers,
                           "dim": model.get_embedding_dimension()}
         meta["extra"] = {**extra, "metrics": metrics}
+        if onnx_int8:
+            from components.export import write_onnx
+
+            meta["extra"]["onnx"] = write_onnx(tmp)
 
 
 def model_fingerprint(reference: str) -> str:
@@ -350,6 +356,32 @@ def write_quantized_model(folder: Path, vectors: np.ndarray, codes: dict[int, tu
     (folder / CALIBRATION_FILE).write_text(json.dumps(calibration))
 
 
+class InMemoryCorpus:
+    """A quantize artifact's codes for passages it never held, computed from their vectors (any width >= the
+    dims asked) and given int8 ranges per dim, so that the index builders and rescoring run on them unchanged:
+    out-of-domain sets at the operating point, benchmarks at sizes no artifact has."""
+
+    def __init__(self, vectors: np.ndarray, ranges: dict[int, np.ndarray]) -> None:
+        self._vectors, self._ranges = vectors, ranges
+
+    def float32(self, model: str, dim: int) -> np.ndarray:
+        from components.embed import truncate
+
+        return truncate(self._vectors, dim)
+
+    def int8(self, model: str, dim: int) -> np.ndarray:
+        return int8_codes(self.float32(model, dim), self.ranges(model, dim))
+
+    def ubinary(self, model: str, dim: int) -> np.ndarray:
+        return binary_codes(self.float32(model, dim))
+
+    def ranges(self, model: str, dim: int) -> np.ndarray:
+        return self._ranges[dim]
+
+
+CodedCorpus = QuantizedCorpus | InMemoryCorpus  # what index builders and rescoring read codes from
+
+
 def read_quantized(path: Path) -> QuantizedCorpus:
     """Open a quantize artifact after checking its kind, schema and content fingerprint."""
     manifest = QUANTIZED.read_manifest(path)
@@ -409,6 +441,59 @@ def read_indexes(path: Path) -> IndexSet:
         record_path = artifacts.member(path, manifest, PurePosixPath(file).with_suffix(".json").as_posix())
         records.append(IndexRecord(**json.loads(record_path.read_text())))
     return IndexSet(path=Path(path), manifest=manifest, records=records)
+
+
+def int8_index(quantized: CodedCorpus, model: str, dim: int) -> Any:
+    """An 8-bit scalar-quantizer index whose ranges are the calibration ranges, holding the stored int8 codes.
+
+    Bucket centres are added: faiss re-encodes each to the very same code (tested), so no second rounding.
+    """
+    import faiss
+
+    ranges = quantized.ranges(model, dim)
+    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    faiss.copy_array_to_vector(np.concatenate([ranges[0], ranges[1] - ranges[0]]).astype(np.float32),
+                               index.sq.trained)
+    index.is_trained = True
+    index.add(dequantize_int8(quantized.int8(model, dim), ranges))
+    return index
+
+
+def binary_ivf_index(codes: np.ndarray, dim: int) -> Any:
+    """Inverted lists over packed bits: a binary k-means coarse quantizer trained on the codes themselves."""
+    import faiss
+
+    from components.faiss_device import IVF_TRAINING_ROWS_PER_LIST, ivf_lists
+
+    index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(dim), dim, ivf_lists(len(codes)))
+    index.cp.seed = 42
+    index.cp.max_points_per_centroid = IVF_TRAINING_ROWS_PER_LIST
+    index.train(codes)
+    index.add(codes)
+    return index
+
+
+def build_index(kind: str, quantized: CodedCorpus, model: str, dim: int, *, hnsw_m: int,
+                hnsw_ef_construction: int) -> Any:
+    """A faiss index of `kind` (`PRECISION_OF`'s keys) over one model's codes at `dim`: the index stage builds
+    every one it is asked for; evaluate builds the operating point's for out-of-domain sets."""
+    import faiss
+
+    if kind == "binary_ivf":
+        return binary_ivf_index(quantized.ubinary(model, dim), dim)
+    builders: dict[str, Callable[[], Any]] = {
+        "float_flat": lambda: faiss.IndexFlatIP(dim),
+        "float_hnsw": lambda: faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT),
+        "binary_flat": lambda: faiss.IndexBinaryFlat(dim),
+        "binary_hnsw": lambda: faiss.IndexBinaryHNSW(dim, hnsw_m),
+    }
+    if kind == "int8_flat":
+        return int8_index(quantized, model, dim)
+    index = builders[kind]()
+    if kind.endswith("hnsw"):
+        index.hnsw.efConstruction = hnsw_ef_construction
+    index.add(quantized.ubinary(model, dim) if kind.startswith("binary") else quantized.float32(model, dim))
+    return index
 
 
 def read_index(index_set: IndexSet, record: IndexRecord) -> Any:

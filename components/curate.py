@@ -28,7 +28,6 @@ depends on its batch's padding), and the near-duplicate decision does not depend
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile

@@ -99,6 +99,11 @@ class DistillConfig(StageConfig):
         128, ge=8, le=512,
         description="Tokens per text the published student encodes: 86% of Debian passages fit (98% in 256); "
                     "with fewer layers, where the student's speed comes from.")
+    onnx_int8: bool = Field(
+        False,
+        description="Publish the student with its ONNX export, int8 weights (components/export.py): every later "
+                    "stage, search and serve then encode with ONNX Runtime on the CPU, so evaluate measures what "
+                    "is served. For CPU serving; a GPU machine keeps it off.")
     eval_steps: int = Field(45, ge=1, description="Dev evaluation and checkpoint every this many steps.")
     dev_queries: int = Field(500, ge=10, description="Dev queries in the in-training evaluation.")
     dev_corpus: int = Field(1000, ge=10, description="Dev passages in that evaluation.")
@@ -305,7 +310,7 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
         write_model, student, paths.output, provenance, metrics=metrics,
         extra={"layers_from_teacher": config.layers, "matryoshka_dims": config.matryoshka_dims,
                "pca_rotation": config.pca_rotation},
-        matryoshka_dims=config.matryoshka_dims, card=card))
+        matryoshka_dims=config.matryoshka_dims, card=card, onnx_int8=config.onnx_int8))
     log.info("distill: %d-layer student, dev nDCG@10 %.4f (teacher %.4f) in %.0fs", len(config.layers), student_dev,
              teacher_dev, metrics["seconds"])
     return metrics

@@ -77,10 +77,12 @@ def resolve_dtype(dtype: str) -> str:
 
 
 def load_model(
-    reference: str, *, max_seq_length: int | None = None, dtype: str = "float32", device: str | None = None
+    reference: str, *, max_seq_length: int | None = None, dtype: str = "float32", device: str | None = None,
+    onnx: bool = True,
 ) -> SentenceTransformer:
-    """Load a model strictly offline; remote code stays off. A directory `embedforge export` made runs its
-    transformer with ONNX Runtime and int8 weights (`components.export`).
+    """Load a model strictly offline; remote code stays off. A model artifact published with an ONNX export
+    (`embedforge export`, or distill's `onnx_int8`) runs its transformer with ONNX Runtime and int8 weights
+    (`components.export`), unless `onnx` is False: then its torch weights, e.g. to save it elsewhere.
 
     `bfloat16` roughly doubles CPU encode speed on CPUs with AVX512-BF16 (measured 105 vs 54 passages/s) with
     cosine > 0.999 to float32 embeddings: right for dedup and mining, where only neighbours matter. `auto`
@@ -99,7 +101,7 @@ def load_model(
     model = model.to(getattr(torch, resolve_dtype(dtype)))
     from components.export import load_onnx, onnx_record
 
-    return model if onnx_record(path) is None else load_onnx(path, model)
+    return load_onnx(path, model) if onnx and onnx_record(path) is not None else model
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,14 @@ from pydantic import Field
 from components.artifact_types import (
     BEIR,
     INDEXES,
+    CodedCorpus,
     IndexRecord,
     IndexSet,
+    InMemoryCorpus,
     Provenance,
     QuantizedCorpus,
     binary_codes,
+    build_index,
     dequantize_int8,
     read_index,
     read_indexes,
@@ -124,6 +127,7 @@ class EvaluateResult:
     chosen: GridRow | None
     choice_reason: str
     out_of_domain: dict[str, dict[str, float]]  # model -> set (and "mean") -> nDCG@10 at the model's full dim
+    out_of_domain_at_point: dict[str, float]  # set (and "mean") -> nDCG@10 of the chosen operating point
 
 
 def out_of_domain_sets(folder: Path, max_queries: int | None) -> dict[str, BeirDataset]:
@@ -150,37 +154,72 @@ def first_queries(dataset: BeirDataset, count: int) -> BeirDataset:
                        qrels={query_id: dataset.qrels[query_id] for query_id in query_ids})
 
 
-def exact_scores(model: Any, dataset: BeirDataset, dims: list[int], config: EvaluateConfig,
-                 label: str) -> dict[str, float]:
-    """Exact float search of the dataset's queries over its corpus at each dim: `d<dim>/<measure>`, and the
-    encode speed (`encode_docs_per_s`)."""
+@dataclass(frozen=True)
+class EncodedSet:
+    """A BEIR set encoded by one model: unit vectors at its full dim, in corpus and qrels order."""
+
+    doc_ids: list[str]
+    query_ids: list[str]
+    docs: np.ndarray
+    queries: np.ndarray
+    docs_per_s: float
+
+
+def encode_set(model: Any, dataset: BeirDataset, config: EvaluateConfig, label: str) -> EncodedSet:
     from components.embed import encode
 
     doc_ids, query_ids = list(dataset.corpus), list(dataset.qrels)
     docs = encode(model, [dataset.corpus[i] for i in doc_ids], batch_size=config.batch_size, label=f"{label} docs")
     queries = encode(model, [dataset.queries[i] for i in query_ids], batch_size=config.batch_size,
                      label=f"{label} queries")
-    full_dim = docs.vectors.shape[1]
-    metrics = {"encode_docs_per_s": docs.per_second}
+    return EncodedSet(doc_ids, query_ids, docs.vectors, queries.vectors, docs.per_second)
+
+
+def exact_scores(encoded: EncodedSet, qrels: dict[str, dict[str, int]], dims: list[int],
+                 top_k: int) -> dict[str, float]:
+    """Exact float search of the set's queries over its corpus at each dim: `d<dim>/<measure>`."""
+    full_dim = encoded.docs.shape[1]
+    metrics = {}
     for dim in [d for d in dims if d <= full_dim] or [full_dim]:
-        run = exact_search(truncate(docs.vectors, dim), truncate(queries.vectors, dim), doc_ids, query_ids,
-                           config.top_k)
-        metrics |= {f"d{dim}/{key}": value for key, value in retrieval_metrics(dataset.qrels, run).items()}
+        run = exact_search(truncate(encoded.docs, dim), truncate(encoded.queries, dim), encoded.doc_ids,
+                           encoded.query_ids, top_k)
+        metrics |= {f"d{dim}/{key}": value for key, value in retrieval_metrics(qrels, run).items()}
     return metrics
 
 
 def score_out_of_domain(model: Any, name: str, sets: dict[str, BeirDataset], dims: list[int],
-                        config: EvaluateConfig) -> dict[str, float]:
-    """`ood/<set>/<model>/d<dim>/<measure>` for each set, and `ood/mean/<model>/d<dim>/ndcg@10` over the sets."""
-    metrics = {}
+                        config: EvaluateConfig) -> tuple[dict[str, float], dict[str, EncodedSet]]:
+    """`ood/<set>/<model>/d<dim>/<measure>` for each set, and `ood/mean/<model>/d<dim>/ndcg@10` over the sets;
+    with each set as the model encoded it."""
+    metrics, encoded = {}, {}
     for set_name, dataset in sets.items():
-        scores = exact_scores(model, dataset, dims, config, f"{name} {set_name}")
-        metrics |= {f"ood/{set_name}/{name}/{key}": value for key, value in scores.items()
-                    if key != "encode_docs_per_s"}
+        encoded[set_name] = encode_set(model, dataset, config, f"{name} {set_name}")
+        scores = exact_scores(encoded[set_name], dataset.qrels, dims, config.top_k)
+        metrics |= {f"ood/{set_name}/{name}/{key}": value for key, value in scores.items()}
     for dim in dims:
         metrics[f"ood/mean/{name}/d{dim}/ndcg@10"] = float(np.mean(
             [metrics[f"ood/{set_name}/{name}/d{dim}/ndcg@10"] for set_name in sets]))
-    return metrics
+    return metrics, encoded
+
+
+def ood_at_operating_point(chosen: GridRow, encoded: dict[str, EncodedSet], sets: dict[str, BeirDataset],
+                           quantized: QuantizedCorpus, indexes: IndexSet, config: EvaluateConfig) -> dict[str, float]:
+    """The served configuration on each out-of-domain set: its dims, index type (with the HNSW settings the index
+    artifact was built with) and rescoring, the set's passages coded with the quantize artifact's int8
+    calibration, as a served index would add new passages. nDCG@10 per set, and their "mean"."""
+    hnsw = indexes.manifest.extra["hnsw"]
+    scores = {}
+    for set_name, coded in encoded.items():
+        corpus = InMemoryCorpus(coded.docs, {chosen.dim: quantized.ranges(chosen.model, chosen.dim)})
+        index = build_index(chosen.index, corpus, chosen.model, chosen.dim, hnsw_m=hnsw["m"],
+                            hnsw_ef_construction=hnsw["ef_construction"])
+        store = rescore_store(corpus, chosen.model, chosen.dim, config.rescore_with) if chosen.rescored else None
+        floats = truncate(coded.queries, chosen.dim)
+        found_scores, positions = search_all(make_searcher(index, chosen.index, store, config), floats,
+                                             binary_codes(floats), min(config.top_k, len(coded.doc_ids)))
+        run = to_run(found_scores, positions, coded.doc_ids, coded.query_ids)
+        scores[set_name] = retrieval_metrics(sets[set_name].qrels, run)["ndcg@10"]
+    return scores | {"mean": float(np.mean(list(scores.values())))}
 
 
 def out_of_domain_table(metrics: dict[str, float], models: dict[str, int], sets: list[str]) -> dict[str, dict[str, float]]:
@@ -242,7 +281,7 @@ class Int8Rows:
 RescoreStore = np.ndarray | Int8Rows
 
 
-def rescore_store(quantized: QuantizedCorpus, model: str, dim: int, rescore_with: str) -> RescoreStore:
+def rescore_store(quantized: CodedCorpus, model: str, dim: int, rescore_with: str) -> RescoreStore:
     """The document vectors a float query rescores binary candidates against."""
     if rescore_with == "int8":
         return Int8Rows(quantized.int8(model, dim), quantized.ranges(model, dim))
@@ -262,17 +301,18 @@ def rescore(queries: np.ndarray, candidates: np.ndarray, documents: RescoreStore
 Searcher = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-def make_searcher(index: Any, record: IndexRecord, store: RescoreStore | None, config: EvaluateConfig) -> Searcher:
-    """A function (float queries, packed-bit queries, k) -> (scores, positions), higher scores better.
+def make_searcher(index: Any, index_type: str, store: RescoreStore | None, config: EvaluateConfig) -> Searcher:
+    """A function (float queries, packed-bit queries, k) -> (scores, positions), higher scores better, over a
+    faiss index of `index_type` (`float_hnsw`, `binary_ivf`, ...: binary indexes take the packed bits).
 
     Rescoring always re-ranks top_k x rescore_multiplier candidates, whatever k is asked: the top 10 a search
     service returns, the latency measured and the nDCG@10 scored all come from the same candidates.
     """
-    if record.type.endswith("hnsw"):
+    if index_type.endswith("hnsw"):
         index.hnsw.efSearch = max(config.hnsw_ef_search, config.top_k * config.rescore_multiplier)
-    if record.type.endswith("ivf"):
+    if index_type.endswith("ivf"):
         index.nprobe = config.ivf_nprobe
-    if record.precision != "binary":
+    if not index_type.startswith("binary"):
         return lambda floats, bits, k: index.search(floats, k)
     if store is None:
         def hamming(floats: np.ndarray, bits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -366,6 +406,8 @@ def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, i
     metrics: dict[str, float] = {}
     grid: list[GridRow] = []
     full_dims: dict[str, int] = {}
+    served_ood: dict[str, EncodedSet] = {}
+    at_point: dict[str, float] = {}
     for model_name in dict.fromkeys(record.model for record in indexes.records):
         info = quantized.models[model_name]
         model = load_model(str(info["reference"]), max_seq_length=int(info["max_seq_length"]), dtype=config.dtype)
@@ -378,7 +420,10 @@ def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, i
         dims = sorted({record.dim for record in indexes.records if record.model == model_name}, reverse=True)
         full_dims[model_name] = dims[0]
         if ood_sets:
-            metrics |= score_out_of_domain(model, model_name, ood_sets, dims, config)
+            scores, encoded = score_out_of_domain(model, model_name, ood_sets, dims, config)
+            metrics |= scores
+            if model_name == config.serve_model:
+                served_ood = encoded
     for row in grid:
         for name in ("ndcg_at_10", "mrr_at_10", "recall_at_100", "p50_ms", "p99_ms", "bytes_per_vector"):
             metrics[f"{row.key}/{name.replace('_at_', '@')}"] = getattr(row, name)
@@ -388,12 +433,18 @@ def evaluate_grid(config: EvaluateConfig, beir_dir: Path, quantized_dir: Path, i
         metrics |= {"operating_point/ndcg@10": chosen.ndcg_at_10, "operating_point/dim": chosen.dim,
                     "operating_point/bytes_per_vector": chosen.bytes_per_vector,
                     "operating_point/p99_ms": chosen.p99_ms}
+        if served_ood:
+            at_point = ood_at_operating_point(chosen, served_ood, ood_sets, quantized, indexes, config)
+            metrics |= {f"ood/{name}/operating_point/ndcg@10": score for name, score in at_point.items()
+                        if name != "mean"}
+            metrics["operating_point/ood_ndcg@10"] = at_point["mean"]
     metrics |= {"queries": len(query_ids), "documents": len(quantized.doc_ids),
                 "seconds": time.perf_counter() - started}
     out_of_domain = out_of_domain_table(metrics, full_dims, list(ood_sets)) if ood_sets else {}
     metrics |= headline_scores(metrics, full_dims, out_of_domain)
     return EvaluateResult(metrics=metrics, table=summary_table(grid, chosen), data_fingerprint=beir_fingerprint,
-                          grid=grid, pareto=pareto, chosen=chosen, choice_reason=reason, out_of_domain=out_of_domain)
+                          grid=grid, pareto=pareto, chosen=chosen, choice_reason=reason, out_of_domain=out_of_domain,
+                          out_of_domain_at_point=at_point)
 
 
 def headline_scores(metrics: dict[str, float], full_dims: dict[str, int],
@@ -420,7 +471,7 @@ def score_index(record: IndexRecord, indexes: IndexSet, quantized: QuantizedCorp
         variants.append(rescore_store(quantized, record.model, record.dim, config.rescore_with))
     rows = []
     for store in variants:
-        searcher = make_searcher(index, record, store, config)
+        searcher = make_searcher(index, record.type, store, config)
         scores, positions = search_all(searcher, floats, bits, min(config.top_k, record.vectors))
         quality = retrieval_metrics(dataset.qrels, to_run(scores, positions, quantized.doc_ids, query_ids))
         p50, p99 = latency_ms(searcher, floats, bits, config.latency_queries)
@@ -545,13 +596,18 @@ def out_of_domain_section(result: EvaluateResult) -> list[str]:
                  and row.dim == max(r.dim for r in result.grid if r.model == row.model)}
     base = result.out_of_domain.get("base", {}).get("mean")
     lines = ["## Out of domain", "",
-             f"nDCG@10, exact float search at each model's full dim. Out-of-domain sets: {', '.join(sets)} "
-             "(held out from every training stage).", "",
+             f"nDCG@10, exact float search at each model's full dim; the last row, if any, is the served "
+             f"configuration. Out-of-domain sets: {', '.join(sets)} (held out from every training stage).", "",
              "| model | Debian test | " + " | ".join(sets) + " | out-of-domain mean | vs base |",
              "|---|---:|" + "---:|" * len(sets) + "---:|---:|"]
-    for name, scores in result.out_of_domain.items():
+    rows = dict(result.out_of_domain)
+    in_domain = {name: f"{score:.4f}" for name, score in in_domain.items()}
+    if result.chosen is not None and result.out_of_domain_at_point:
+        served = f"{result.chosen.model} at the operating point ({result.chosen.key})"
+        rows[served], in_domain[served] = result.out_of_domain_at_point, f"{result.chosen.ndcg_at_10:.4f}"
+    for name, scores in rows.items():
         versus = f"{scores['mean'] - base:+.4f}" if base is not None else ""
-        lines.append(f"| {name} | {in_domain.get(name, float('nan')):.4f} | "
+        lines.append(f"| {name} | {in_domain.get(name, '')} | "
                      + " | ".join(f"{scores[set_name]:.4f}" for set_name in sets) + f" | {scores['mean']:.4f} | {versus} |")
     return [*lines, ""]
 
@@ -565,7 +621,8 @@ def publish_evaluation(result: EvaluateResult, config: EvaluateConfig, output: P
         "rescore": {"multiplier": config.rescore_multiplier, "with": config.rescore_with},
         "top_k": config.top_k, "hnsw_ef_search": config.hnsw_ef_search, "ivf_nprobe": config.ivf_nprobe,
         "out_of_domain": {"measure": "ndcg@10 at each model's full dim, exact float search",
-                          "scores": result.out_of_domain} if result.out_of_domain else None},
+                          "scores": result.out_of_domain,
+                          "operating_point": result.out_of_domain_at_point or None} if result.out_of_domain else None},
         Provenance(STAGE, params_digest(config), inputs))
 
 
@@ -580,8 +637,10 @@ def evaluate_models(models: dict[str, str], beir_dir: Path, config: EvaluateConf
     log.info("evaluate: exact search on %s", exact_search_device())
     metrics: dict[str, float] = {}
     for name, reference in models.items():
-        scores = exact_scores(load_model(reference, dtype=config.dtype), dataset, dims or QUICK_DIMS, config, name)
+        encoded = encode_set(load_model(reference, dtype=config.dtype), dataset, config, name)
+        scores = exact_scores(encoded, dataset.qrels, dims or QUICK_DIMS, config.top_k)
         metrics |= {f"{name}/{key}": value for key, value in scores.items()}
+        metrics[f"{name}/encode_docs_per_s"] = encoded.docs_per_s
     return metrics
 
 

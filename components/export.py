@@ -12,6 +12,10 @@ sentence-transformers pipeline (tokenisation, truncation, pooling, Dense, Normal
 transformer's forward pass for an ONNX Runtime session. `embed.load_model` does that for any exported
 directory, so every stage, `embedforge evaluate --model`, search and serve take one.
 
+distill writes the same `onnx/` into the student it publishes when `onnx_int8` is set (`write_onnx`): then the
+pipeline's own student is the int8 model, and quantize, evaluate, register, search and serve all measure and
+serve what will be deployed.
+
 Why int8: one query's forward pass reads every weight once, so on a CPU it is bound by memory bandwidth; int8
 weights are a quarter of the bytes (the 3-layer student: 21 MB -> 5 MB of transformer weights).
 """
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ONNX_BACKEND = "onnx-qint8"  # how search and the registry name a model served by its int8 export
 ONNX_FILES = {"float32": "onnx/model.onnx", "qint8": "onnx/model_qint8.onnx"}
 OPSET = 17
 CHECK_TEXTS = ["how do I mount an NFS share at boot", "compress files with xz", "a library for HTTP requests",
@@ -101,52 +106,67 @@ def _export_transformer(model: SentenceTransformer, target: Path) -> None:
                           dynamo=False)  # the TorchScript exporter: no onnxscript dependency
 
 
+def write_onnx(directory: Path) -> dict[str, Any]:
+    """Add `onnx/` (float32 and int8 weights) to `directory`, a sentence-transformers model being published,
+    after checking that both encode like it; returns the record a manifest keeps under `extra["onnx"]`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from components.embed import load_model
+
+    # traced on the CPU, where ONNX Runtime will run it (on a GPU machine the model would load on CUDA and the
+    # traced inputs would not)
+    model = load_model(str(directory), device="cpu", onnx=False)
+    expected = model.encode(CHECK_TEXTS, normalize_embeddings=True)
+    (directory / "onnx").mkdir()
+    _export_transformer(model, directory / ONNX_FILES["float32"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)  # ONNX Runtime's quantizer logs a line per tensor on the root logger
+    try:
+        quantize_dynamic(str(directory / ONNX_FILES["float32"]), str(directory / ONNX_FILES["qint8"]),
+                         weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
+    cosines = {}
+    for variant in ONNX_FILES:
+        exported = load_onnx(directory, load_model(str(directory), device="cpu", onnx=False), variant)
+        got = exported.encode(CHECK_TEXTS, normalize_embeddings=True)
+        cosines[variant] = float((got * expected).sum(axis=1).min())
+        if cosines[variant] < MIN_CHECK_COSINE:
+            raise ArtifactError(f"the {variant} ONNX export encodes unlike the model (cosine {cosines[variant]:.4f} "
+                                f"< {MIN_CHECK_COSINE}); nothing was published")
+    return {"files": ONNX_FILES, "opset": OPSET,
+            "bytes": {variant: (directory / file).stat().st_size for variant, file in ONNX_FILES.items()},
+            "min_cosine_to_source": cosines,
+            "quantization": "dynamic, int8 weights per output channel, activations quantized at run time"}
+
+
+def check_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """An ONNX record's checks as flat metrics: each variant's cosine to the torch model and its size."""
+    metrics = {f"{variant}/min_cosine": value for variant, value in record["min_cosine_to_source"].items()}
+    return metrics | {f"{variant}/megabytes": size / 1e6 for variant, size in record["bytes"].items()}
+
+
 def export_onnx(reference: str, output: Path) -> dict[str, float]:
     """Export `reference` (a model directory or artifact) and publish it with its int8 variant, after checking
     both encode like the original."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from components.embed import load_model, resolve_model_path
+    from components.embed import resolve_model_path
 
     started = time.perf_counter()
     source = resolve_model_path(reference)
     if onnx_record(source) is not None:
         raise ArtifactError(f"{reference}: already an ONNX export; export the model it came from")
-    model = load_model(reference, device="cpu")  # traced on the CPU, where ONNX Runtime will run it (on a GPU
-    # machine the model would load on CUDA and the traced inputs would not)
-    expected = model.encode(CHECK_TEXTS, normalize_embeddings=True)
     source_fingerprint = model_fingerprint(reference)  # verifies every file of a model artifact: once
     provenance = Provenance("export", "onnx", {"model": source_fingerprint})
     with MODEL.publish(output, provenance) as (tmp, meta):
         shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
-        (tmp / "onnx").mkdir()
-        _export_transformer(model, tmp / ONNX_FILES["float32"])
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.WARNING)  # ONNX Runtime's quantizer logs a line per tensor on the root logger
         try:
-            quantize_dynamic(str(tmp / ONNX_FILES["float32"]), str(tmp / ONNX_FILES["qint8"]),
-                             weight_type=QuantType.QInt8, per_channel=True)
-        finally:
-            root.setLevel(level)
-        cosines = {}
-        for variant in ONNX_FILES:
-            exported = load_onnx(tmp, load_model(str(tmp), device="cpu"), variant)
-            got = exported.encode(CHECK_TEXTS, normalize_embeddings=True)
-            cosines[variant] = float((got * expected).sum(axis=1).min())
-            if cosines[variant] < MIN_CHECK_COSINE:
-                raise ArtifactError(f"{reference}: the {variant} ONNX export encodes unlike the model (cosine "
-                                    f"{cosines[variant]:.4f} < {MIN_CHECK_COSINE}); nothing was published")
-        sizes = {variant: (tmp / file).stat().st_size for variant, file in ONNX_FILES.items()}
-        meta["counts"] = {"dim": model.get_embedding_dimension()}
-        meta["extra"] = {"onnx": {"source": reference, "source_fingerprint": source_fingerprint,
-                                  "files": ONNX_FILES, "opset": OPSET, "bytes": sizes,
-                                  "min_cosine_to_source": cosines, "quantization": "dynamic, int8 weights per "
-                                  "output channel, activations quantized at run time"}}
-    metrics = {f"{variant}/min_cosine": value for variant, value in cosines.items()}
-    metrics |= {f"{variant}/megabytes": size / 1e6 for variant, size in sizes.items()}
-    metrics["seconds"] = time.perf_counter() - started
-    return metrics
+            record = write_onnx(tmp)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{reference}: {exc}") from None
+        meta["counts"] = MODEL.read_manifest(source, verify=False).counts if (source / MANIFEST).is_file() else {}
+        meta["extra"] = {"onnx": {"source": reference, "source_fingerprint": source_fingerprint, **record}}
+    return check_metrics(record) | {"seconds": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field
 
 from components.artifact_types import (
@@ -33,8 +31,7 @@ from components.artifact_types import (
     QUANTIZED,
     IndexRecord,
     Provenance,
-    QuantizedCorpus,
-    dequantize_int8,
+    build_index,
     read_quantized,
     write_index,
     write_index_record,
@@ -63,56 +60,6 @@ class IndexConfig(StageConfig):
         128, ge=8, description="HNSW build-time candidate list: recall vs build time.")
 
 
-def int8_index(quantized: QuantizedCorpus, model: str, dim: int) -> Any:
-    """An 8-bit scalar-quantizer index whose ranges are the calibration ranges, holding the stored int8 codes.
-
-    Bucket centres are added: faiss re-encodes each to the very same code (tested), so no second rounding.
-    """
-    import faiss
-
-    ranges = quantized.ranges(model, dim)
-    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-    faiss.copy_array_to_vector(np.concatenate([ranges[0], ranges[1] - ranges[0]]).astype(np.float32),
-                               index.sq.trained)
-    index.is_trained = True
-    index.add(dequantize_int8(quantized.int8(model, dim), ranges))
-    return index
-
-
-def binary_ivf_index(codes: np.ndarray, dim: int) -> Any:
-    """Inverted lists over packed bits: a binary k-means coarse quantizer trained on the codes themselves."""
-    import faiss
-
-    from components.faiss_device import IVF_TRAINING_ROWS_PER_LIST, ivf_lists
-
-    index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(dim), dim, ivf_lists(len(codes)))
-    index.cp.seed = 42
-    index.cp.max_points_per_centroid = IVF_TRAINING_ROWS_PER_LIST
-    index.train(codes)
-    index.add(codes)
-    return index
-
-
-def build_index(kind: str, quantized: QuantizedCorpus, model: str, dim: int, config: IndexConfig) -> Any:
-    import faiss
-
-    if kind == "binary_ivf":
-        return binary_ivf_index(quantized.ubinary(model, dim), dim)
-    builders: dict[str, Callable[[], Any]] = {
-        "float_flat": lambda: faiss.IndexFlatIP(dim),
-        "float_hnsw": lambda: faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT),
-        "binary_flat": lambda: faiss.IndexBinaryFlat(dim),
-        "binary_hnsw": lambda: faiss.IndexBinaryHNSW(dim, config.hnsw_m),
-    }
-    if kind == "int8_flat":
-        return int8_index(quantized, model, dim)
-    index = builders[kind]()
-    if kind.endswith("hnsw"):
-        index.hnsw.efConstruction = config.hnsw_ef_construction
-    index.add(quantized.ubinary(model, dim) if kind.startswith("binary") else quantized.float32(model, dim))
-    return index
-
-
 def code_bytes(index: Any) -> int:
     """Bytes of one stored vector: its code (an HNSW index keeps its vectors in a flat storage index), plus the
     8-byte id an inverted list stores beside each code."""
@@ -139,7 +86,8 @@ def build_indexes(config: IndexConfig, quantized_path: Path, output: Path) -> di
                 folder.mkdir(parents=True)
                 for kind in config.types:
                     built = time.perf_counter()
-                    index = build_index(kind, quantized, model, dim, config)
+                    index = build_index(kind, quantized, model, dim, hnsw_m=config.hnsw_m,
+                                        hnsw_ef_construction=config.hnsw_ef_construction)
                     seconds = time.perf_counter() - built
                     write_index(index, folder / f"{kind}.faiss")
                     record = IndexRecord(

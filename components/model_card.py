@@ -65,7 +65,10 @@ def training_card(facts: TrainingFacts) -> str:
         f"# embedforge {facts.role}",
         f"A {facts.layers}-layer sentence-transformers encoder ({facts.dim} dims; usable prefixes: {dims}; "
         f"up to {facts.max_seq_length} tokens per text) made by embedforge's `"
-        f"{'train' if facts.role == 'teacher' else 'distill'}` stage from `{facts.started_from}`.",
+        f"{'train' if facts.role == 'teacher' else 'distill'}` stage from `{facts.started_from}`."
+        + (" It is served as its ONNX export with int8 weights (`onnx/model_qint8.onnx`, ONNX Runtime on the "
+           "CPU): the pipeline's evaluation, search and serve all encode with it; the torch weights beside it "
+           "are the float model it was exported from." if facts.settings.get("onnx_int8") else ""),
         "## Made from",
         _table(["what", "fingerprint"], [[name, f"`{value}`"] for name, value in facts.data.items()]
                + [["code (git commit)", f"`{facts.commit}`"],

@@ -137,7 +137,7 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
     from mlflow.tracking import MlflowClient
 
     from components.embed import load_model
-    from components.export import export_onnx
+    from components.export import ONNX_BACKEND, check_metrics, export_onnx, onnx_record
 
     if mlflow.active_run() is None:
         raise ConfigError("register needs MLflow tracking (its model registry); run it without --no-tracking")
@@ -157,21 +157,26 @@ def register(config: RegisterConfig, paths: RegisterPaths) -> tuple[Decision, di
     out_of_domain = (point.get("out_of_domain") or {}).get("scores")
     decision = decide(chosen["ndcg_at_10"] if chosen else None, evaluation.manifest.inputs["beir"], champion,
                       config, out_of_domain, served)
-    model = load_model(str(paths.student))
+    model = load_model(str(paths.student), onnx=False)  # MLflow's flavour saves the torch weights
     info = mlflow.sentence_transformers.log_model(
         model, name="student", registered_model_name=config.model_name,
         signature=mlflow.models.infer_signature(EXAMPLE_QUERIES, model.encode(EXAMPLE_QUERIES)),
         input_example=EXAMPLE_QUERIES,
         pip_requirements=[f"{package}=={importlib.metadata.version(package)}"
                           for package in ("sentence-transformers", "transformers", "torch")],
-        metadata={"operating_point": chosen, "student_fingerprint": student_fingerprint})
+        metadata={"operating_point": chosen, "student_fingerprint": student_fingerprint,
+                  "serving_backend": ONNX_BACKEND if onnx_record(paths.student) is not None else "torch"})
     version = str(info.registered_model_version)
     mlflow.log_artifact(str(calibration), artifact_path="serving")
     mlflow.log_artifact(str(evaluation.operating_point_path), artifact_path="serving")
     mlflow.log_dict(asdict(decision), "serving/gate_decision.json")
-    with tempfile.TemporaryDirectory(prefix="embedforge-onnx-") as scratch:
-        export_checks = export_onnx(str(paths.student), Path(scratch) / "student-onnx")
-        mlflow.log_artifacts(str(Path(scratch) / "student-onnx" / "onnx"), artifact_path="serving/onnx")
+    if (record := onnx_record(paths.student)) is not None:  # distill published it with its export: log that
+        export_checks = check_metrics(record)
+        mlflow.log_artifacts(str(paths.student / "onnx"), artifact_path="serving/onnx")
+    else:
+        with tempfile.TemporaryDirectory(prefix="embedforge-onnx-") as scratch:
+            export_checks = export_onnx(str(paths.student), Path(scratch) / "student-onnx")
+            mlflow.log_artifacts(str(Path(scratch) / "student-onnx" / "onnx"), artifact_path="serving/onnx")
     tags = {TEST_SET_TAG: evaluation.manifest.inputs["beir"], "embedforge.gate": "passed" if decision.promote else "refused",
             "embedforge.gate_reasons": "; ".join(decision.reasons)}
     if chosen:

@@ -39,6 +39,7 @@ from components.artifact_types import (
 from components.artifacts import ArtifactError
 from components.data import DataError, read_beir
 from components.embed import truncate
+from components.export import ONNX_BACKEND
 from components.evaluate import (
     EvaluateConfig,
     Searcher,
@@ -124,7 +125,7 @@ class ModelSource:
     path: str
     fingerprint: str
     registered_point: dict[str, Any] | None = None
-    backend: str = "torch"  # or "onnx-qint8": an `embedforge export` of the model with that fingerprint
+    backend: str = "torch"  # or ONNX_BACKEND: the int8 ONNX export of the model with that fingerprint
     download: Path | None = None  # a registered version's local copy, removed once loaded
 
 
@@ -194,6 +195,9 @@ def locate_registered(uri: str) -> ModelSource:
         scratch = Path(tempfile.mkdtemp(prefix="embedforge-model-"))
         local = Path(mlflow.artifacts.download_artifacts(pinned, dst_path=str(scratch / "model")))
         point_file = Path(client.download_artifacts(version.run_id, "serving/operating_point.json", str(scratch)))
+        backend = (info.metadata or {}).get("serving_backend", "torch")
+        if backend == ONNX_BACKEND:  # evaluate measured the int8 export: serve it, beside the torch weights
+            client.download_artifacts(version.run_id, "serving/onnx", str(local / SENTENCE_TRANSFORMERS_DATA_PATH))
     except MlflowException as exc:
         raise ArtifactError(f"{uri}: not found in the MLflow registry at {mlflow.get_tracking_uri()} "
                             f"({exc.message}); check the name and alias, or set MLFLOW_TRACKING_URI") from None
@@ -202,11 +206,12 @@ def locate_registered(uri: str) -> ModelSource:
         raise ArtifactError(f"{uri}: version {version.version} records no student_fingerprint; register it again "
                             f"with `embedforge register`")
     return ModelSource(pinned, str(local / SENTENCE_TRANSFORMERS_DATA_PATH), fingerprint,
-                       json.loads(point_file.read_text()), download=scratch)
+                       json.loads(point_file.read_text()), backend=backend, download=scratch)
 
 
 def locate_model(reference: str) -> ModelSource:
-    """A registered version, an ONNX export (identified by the model it was exported from), or a model."""
+    """A registered version, an ONNX export (identified by the model it was exported from, or by itself where
+    distill published the student with it), or a model."""
     from components.embed import resolve_model_path
     from components.export import onnx_record
 
@@ -214,7 +219,8 @@ def locate_model(reference: str) -> ModelSource:
         return locate_registered(reference)
     exported = onnx_record(resolve_model_path(reference))
     if exported is not None:
-        return ModelSource(reference, reference, exported["source_fingerprint"], backend="onnx-qint8")
+        fingerprint = exported.get("source_fingerprint") or model_fingerprint(reference)
+        return ModelSource(reference, reference, fingerprint, backend=ONNX_BACKEND)
     return ModelSource(reference, reference, model_fingerprint(reference))
 
 
@@ -238,6 +244,7 @@ def open_retriever(model_reference: str, *, evaluation: Path, index: Path, quant
 def _checked_retriever(source: ModelSource, *, evaluation: Path, index: Path, quantized: Path,
                        beir: Path) -> Retriever:
     from components.embed import load_model
+    from components.export import load_onnx
 
     if source.registered_point is not None:
         point = OperatingPoint.from_record(source.registered_point, f"{source.reference} serving/operating_point.json")
@@ -257,14 +264,17 @@ def _checked_retriever(source: ModelSource, *, evaluation: Path, index: Path, qu
         raise ArtifactError(f"{index}: no {point.index} index of {point.model!r} at {point.dim} dims for operating "
                             f"point {point.name}; re-run the index stage with index.types including {point.index}")
     record = records[0]
-    model = load_model(source.path, max_seq_length=int(quantized_corpus.models[point.model]["max_seq_length"]))
+    model = load_model(source.path, max_seq_length=int(quantized_corpus.models[point.model]["max_seq_length"]),
+                       onnx=False)
+    if source.backend == ONNX_BACKEND:
+        model = load_onnx(Path(source.path), model)
     width = model.get_embedding_dimension()
     if width is None or width < point.dim:
         raise ArtifactError(f"model {source.reference} makes {width}-dim embeddings, operating point {point.name} "
                             f"needs {point.dim}")
     faiss_index = read_index(indexes, record)
     store = rescore_store(quantized_corpus, point.model, point.dim, point.rescore_with) if point.rescored else None
-    searcher = make_searcher(faiss_index, record, store, point.search_config())
+    searcher = make_searcher(faiss_index, record.type, store, point.search_config())
     corpus = read_beir(beir).corpus
     version = {"model": source.reference, "model_fingerprint": source.fingerprint, "model_backend": source.backend,
                "index": indexes.manifest.fingerprint, "operating_point": point.name}

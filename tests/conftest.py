@@ -161,11 +161,9 @@ def training_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     return curated, mined_dir
 
 
-@pytest.fixture(scope="session")
-def retrieval_stack(tmp_path_factory: pytest.TempPathFactory, training_inputs: tuple[Path, Path],
-                    tiny_model_dir: Path) -> dict[str, Path]:
-    """quantize -> index run for real on a tiny model: a BEIR test set from the curated dev split (48 queries,
-    96 documents), int8 calibrated on the train split, every index type at dims 32/16/8."""
+def build_retrieval_stack(root: Path, curated: Path, student: Path) -> dict[str, Path]:
+    """quantize -> index run for real on `student`: a BEIR test set from the curated dev split (48 queries, 96
+    documents), int8 calibrated on the train split, every index type at dims 32/16/8."""
     import pandas as pd
 
     from components.artifact_types import Provenance, write_beir_artifact
@@ -173,8 +171,6 @@ def retrieval_stack(tmp_path_factory: pytest.TempPathFactory, training_inputs: t
     from components.index import IndexConfig, build_indexes
     from components.quantize import QuantizeConfig, QuantizePaths, quantize
 
-    root = tmp_path_factory.mktemp("retrieval-stack")
-    curated, _ = training_inputs
     pairs = pd.read_parquet(curated / "pairs.parquet")
     dev = pairs[pairs["split"] == "dev"]
     distractors = pairs[pairs["split"] == "train"].head(48)
@@ -186,11 +182,31 @@ def retrieval_stack(tmp_path_factory: pytest.TempPathFactory, training_inputs: t
     beir = root / "beir"
     write_beir_artifact(beir, dataset, Provenance("curate", "t", {}))
     quantized = root / "quantized"
-    quantize(QuantizeConfig(models={"student": str(tiny_model_dir)}, dims=[32, 16, 8], calibration_texts=100,
+    quantize(QuantizeConfig(models={"student": str(student)}, dims=[32, 16, 8], calibration_texts=100,
                             batch_size=16), QuantizePaths(beir=beir, curated=curated, output=quantized))
     index = root / "index"
     build_indexes(IndexConfig(hnsw_m=8, hnsw_ef_construction=32), quantized, index)
-    return {"beir": beir, "curated": curated, "quantized": quantized, "index": index, "student": tiny_model_dir}
+    return {"beir": beir, "curated": curated, "quantized": quantized, "index": index, "student": student}
+
+
+@pytest.fixture(scope="session")
+def retrieval_stack(tmp_path_factory: pytest.TempPathFactory, training_inputs: tuple[Path, Path],
+                    tiny_model_dir: Path) -> dict[str, Path]:
+    """The retrieval stack (`build_retrieval_stack`) of the tiny model."""
+    return build_retrieval_stack(tmp_path_factory.mktemp("retrieval-stack"), training_inputs[0], tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def onnx_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model published as distill publishes a student with `onnx_int8`: with its int8 ONNX export."""
+    from sentence_transformers import SentenceTransformer
+
+    from components.artifact_types import Provenance, write_model
+
+    student = tmp_path_factory.mktemp("onnx-student") / "student"
+    write_model(SentenceTransformer(str(tiny_model_dir), device="cpu"), student, Provenance("distill", "t", {}),
+                metrics={}, extra={}, onnx_int8=True)
+    return student
 
 
 # What tests/model reads of the smoke run (and tests/code/test_distributed_training.py trains on), copied as soon

@@ -20,6 +20,7 @@ from components.evaluate import (
     EvaluateConfig,
     GridRow,
     choose_operating_point,
+    configuration_name,
     evaluate_grid,
     evaluate_models,
     exact_search,
@@ -240,6 +241,13 @@ def test_cli_writes_metrics_report_plots_and_the_evaluation_artifact(tmp_path: P
     assert metrics["student/ndcg@10"] == exact["ndcg_at_10"]
     assert not [key for key in metrics if key.startswith("ood/") or "_flat" in key]  # the grid stays in the artifact
     assert "## Out of domain" in report and "| student |" in report.split("## Out of domain")[1]
+    # the out-of-domain set is a copy of the test set: the served configuration scores it as it scored the test
+    # set, up to the float noise of encoding the passages in other batches
+    at_point = point["out_of_domain"]["operating_point"]
+    assert at_point["elsewhere"] == at_point["mean"] == metrics["operating_point/ood_ndcg@10"]
+    assert at_point["mean"] == pytest.approx(point["chosen"]["ndcg_at_10"], abs=0.01)
+    served = f"student/d{point['chosen']['dim']}/{configuration_name(point['chosen']['index'], point['chosen']['rescored'])}"
+    assert f"| student at the operating point ({served}) |" in report
 
 
 def test_cli_on_a_bad_beir_dir_exits_2_with_a_one_line_error_naming_the_file(tmp_path: Path) -> None:

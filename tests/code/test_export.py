@@ -54,3 +54,18 @@ def test_an_export_is_not_exported_again(exported: Path, tmp_path: Path) -> None
     with pytest.raises(ArtifactError, match="already an ONNX export"):
         export_onnx(str(exported), tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_model_published_with_onnx_int8_carries_its_export_and_loads_as_it(onnx_student_dir: Path,
+                                                                             tiny_model_dir: Path) -> None:
+    """distill's `onnx_int8`: the student artifact itself holds the checked export, and every load runs it
+    unless asked for the torch weights (which MLflow's flavour saves)."""
+    manifest = MODEL.read_manifest(onnx_student_dir)
+    record = onnx_record(onnx_student_dir)
+    assert {"onnx/model.onnx", "onnx/model_qint8.onnx"} <= set(manifest.files)
+    assert "source_fingerprint" not in record and record["min_cosine_to_source"]["qint8"] > 0.98
+    assert isinstance(load_model(str(onnx_student_dir))[0].model, OnnxTransformer)
+    torch_weights = load_model(str(onnx_student_dir), onnx=False)
+    assert not isinstance(torch_weights[0].model, OnnxTransformer)
+    expected = load_model(str(tiny_model_dir)).encode(CHECK_TEXTS, normalize_embeddings=True)
+    assert np.allclose(torch_weights.encode(CHECK_TEXTS, normalize_embeddings=True), expected, atol=1e-6)

@@ -57,7 +57,7 @@ def test_flat_float_search_finds_each_document_itself(retrieval_stack: dict[str,
     indexes, quantized = read_indexes(retrieval_stack["index"]), read_quantized(retrieval_stack["quantized"])
     record = records_by(retrieval_stack)[(32, "float_flat")]
     floats = quantized.float32("student", 32)
-    searcher = make_searcher(read_index(indexes, record), record, None, EvaluateConfig())
+    searcher = make_searcher(read_index(indexes, record), record.type, None, EvaluateConfig())
     _, positions = searcher(floats, binary_codes(floats), 1)
     assert positions[:, 0].tolist() == list(range(len(floats)))
 
@@ -124,7 +124,8 @@ def test_binary_ivf_counts_its_ids_and_finds_what_binary_flat_finds_when_it_prob
     import faiss
 
     from components.faiss_device import ivf_lists
-    from components.index import binary_ivf_index, code_bytes
+    from components.artifact_types import binary_ivf_index
+    from components.index import code_bytes
 
     documents = random_unit_vectors(4000, 64, seed=7)
     codes = binary_codes(documents)
@@ -135,8 +136,8 @@ def test_binary_ivf_counts_its_ids_and_finds_what_binary_flat_finds_when_it_prob
     queries = binary_codes(truncate_noisy(documents[:50], seed=8))
     record = IndexRecord(model="m", dim=64, type="binary_ivf", precision="binary", vectors=4000, vector_bytes=0,
                          file_bytes=0, build_seconds=0.0, file="m/d64/binary_ivf.faiss")
-    searcher = make_searcher(index, record, None, EvaluateConfig(ivf_nprobe=index.nlist))
+    searcher = make_searcher(index, record.type, None, EvaluateConfig(ivf_nprobe=index.nlist))
     distances, _ = searcher(None, queries, 10)
     assert np.array_equal(-distances, flat.search(queries, 10)[0])
-    make_searcher(index, record, None, EvaluateConfig(ivf_nprobe=4))
+    make_searcher(index, record.type, None, EvaluateConfig(ivf_nprobe=4))
     assert index.nprobe == 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from components.model_card import LIMITATIONS, TrainingFacts, registry_card, training_card
 
 FACTS = TrainingFacts(role="student", started_from="the teacher at models/teacher, layers [0, 4, 5]",
@@ -19,6 +21,12 @@ def test_the_training_card_names_its_data_commit_settings_dev_scores_use_and_lim
                  "| trainer | `bucketed` |", "| learning_rate | 5e-05 |", "| student_dev_ndcg@10 | 0.91 |", "## Intended use", LIMITATIONS):
         assert fact in card
     assert "| steps |" not in card  # only the dev scores and throughput of the stage's metrics
+    assert "ONNX" not in card
+
+
+def test_a_student_served_as_its_int8_export_says_so() -> None:
+    card = training_card(dataclasses.replace(FACTS, settings={**FACTS.settings, "onnx_int8": True}))
+    assert "served as its ONNX export with int8 weights (`onnx/model_qint8.onnx`" in card
 
 
 def test_the_registry_card_adds_the_test_table_the_operating_point_and_the_gate() -> None:

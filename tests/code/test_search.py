@@ -17,20 +17,32 @@ from components.artifact_types import INDEXES
 from components.artifacts import ArtifactError
 from components.evaluate import EvaluateConfig, evaluate_grid, publish_evaluation, retrieval_metrics
 from components.search import MAX_BATCH, MAX_QUERY_CHARS, QueryError, Retriever, open_retriever
+from tests.conftest import build_retrieval_stack
 from tests.helpers import run_python
 from tests.servers import running_serve
 
 
+def with_evaluation(stack: dict[str, Path], root: Path) -> dict[str, Path]:
+    """A retrieval stack plus a real evaluation artifact whose operating point is a rescored binary index."""
+    config = EvaluateConfig(latency_queries=10, max_bytes_per_vector=3.0)  # binary at 16 dims: 2 bytes
+    result = evaluate_grid(config, stack["beir"], stack["quantized"], stack["index"])
+    evaluation = root / "evaluation"
+    publish_evaluation(result, config, evaluation, inputs={
+        "beir": result.data_fingerprint, "index": INDEXES.read_manifest(stack["index"]).fingerprint})
+    return {**stack, "evaluation": evaluation}
+
+
 @pytest.fixture(scope="module")
 def served(retrieval_stack: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The retrieval stack plus a real evaluation artifact whose operating point is a rescored binary index."""
-    config = EvaluateConfig(latency_queries=10, max_bytes_per_vector=3.0)  # binary at 16 dims: 2 bytes
-    result = evaluate_grid(config, retrieval_stack["beir"], retrieval_stack["quantized"], retrieval_stack["index"])
-    evaluation = tmp_path_factory.mktemp("served") / "evaluation"
-    publish_evaluation(result, config, evaluation, inputs={
-        "beir": result.data_fingerprint,
-        "index": INDEXES.read_manifest(retrieval_stack["index"]).fingerprint})
-    return {**retrieval_stack, "evaluation": evaluation}
+    return with_evaluation(retrieval_stack, tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def served_onnx_student(onnx_student_dir: Path, training_inputs: tuple[Path, Path],
+                        tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The whole stack for a student distill published with its int8 ONNX export."""
+    root = tmp_path_factory.mktemp("served-onnx")
+    return with_evaluation(build_retrieval_stack(root, training_inputs[0], onnx_student_dir), root)
 
 
 def _open(stack: dict[str, Path], model: str | None = None) -> Retriever:
@@ -50,12 +62,10 @@ def test_searching_every_test_query_scores_the_operating_points_ndcg(served: dic
     retriever = _open(served)
     point = json.loads((served["evaluation"] / "operating_point.json").read_text())["chosen"]
     assert (point["precision"], point["rescored"]) == ("binary", True)
+    assert _searched_ndcg(retriever, served["beir"]) == pytest.approx(point["ndcg_at_10"], abs=1e-9)
     dataset = read_beir(served["beir"])
-    query_ids = list(dataset.qrels)
-    results = retriever.search([dataset.queries[i] for i in query_ids], k=10)
-    run = {query: {hit.doc_id: hit.score for hit in hits} for query, hits in zip(query_ids, results, strict=True)}
-    assert retrieval_metrics(dataset.qrels, run)["ndcg@10"] == pytest.approx(point["ndcg_at_10"], abs=1e-9)
-    assert all(hit.text == dataset.corpus[hit.doc_id] for hit in results[0])
+    hits = retriever.search([next(iter(dataset.queries.values()))], k=10)[0]
+    assert all(hit.text == dataset.corpus[hit.doc_id] for hit in hits)
     assert retriever.version["operating_point"] == f"student/d{point['dim']}/binary_flat_rescore"
 
 
@@ -87,6 +97,47 @@ def test_an_onnx_export_of_the_student_is_served_as_that_student(served: dict[st
     assert retriever.version["model_backend"] == "onnx-qint8"
     assert retriever.version["model_fingerprint"] == _open(served).version["model_fingerprint"]
     assert len(retriever.search(["install a package"], k=5)[0]) == 5
+
+
+def _searched_ndcg(retriever: Retriever, beir: Path) -> float:
+    from components.data import read_beir
+
+    dataset = read_beir(beir)
+    query_ids = list(dataset.qrels)
+    results = retriever.search([dataset.queries[i] for i in query_ids], k=10)
+    run = {query: {hit.doc_id: hit.score for hit in hits} for query, hits in zip(query_ids, results, strict=True)}
+    return retrieval_metrics(dataset.qrels, run)["ndcg@10"]
+
+
+def test_a_student_published_with_its_int8_export_is_searched_with_it_at_the_evaluated_ndcg(
+        served_onnx_student: dict[str, Path]) -> None:
+    """quantize and evaluate encoded the student with its int8 export: search does too, and scores the same."""
+    from components.artifact_types import model_fingerprint
+
+    retriever = _open(served_onnx_student)
+    assert retriever.version["model_backend"] == "onnx-qint8"
+    assert retriever.version["model_fingerprint"] == model_fingerprint(str(served_onnx_student["student"]))
+    point = json.loads((served_onnx_student["evaluation"] / "operating_point.json").read_text())["chosen"]
+    assert _searched_ndcg(retriever, served_onnx_student["beir"]) == pytest.approx(point["ndcg_at_10"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_a_registered_student_with_its_int8_export_is_searched_with_it_from_the_registry(
+        served_onnx_student: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "params.yaml").write_text("register: {model_name: onnx-student, min_ndcg_at_10: 0.0, "
+                                          "max_ood_drop: null}\n")
+    env = {"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    registered = run_python(["-m", "components.register", "--student", str(served_onnx_student["student"]),
+                             "--quantized", str(served_onnx_student["quantized"]), "--evaluation",
+                             str(served_onnx_student["evaluation"]), "--metrics", str(tmp_path / "register.json")],
+                            cwd=tmp_path, env=env, timeout=600)
+    assert registered.returncode == 0, registered.stderr
+    assert json.loads((tmp_path / "register.json").read_text())["gate/promoted"] == 1.0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    retriever = _open(served_onnx_student, "models:/onnx-student@champion")
+    assert retriever.version["model_backend"] == "onnx-qint8"
+    point = json.loads((served_onnx_student["evaluation"] / "operating_point.json").read_text())["chosen"]
+    assert _searched_ndcg(retriever, served_onnx_student["beir"]) == pytest.approx(point["ndcg_at_10"], abs=1e-9)
 
 
 @pytest.mark.parametrize(("queries", "message"), [
