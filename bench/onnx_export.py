@@ -15,6 +15,7 @@ transformer with int8 weights for ONNX Runtime. This measures, in one run, what 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -24,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from components.data import read_beir
-from components.embed import load_model
+from components.embed import load_model, resolve_model_path
 from components.evaluate import EvaluateConfig, evaluate_models
-from components.export import export_onnx
+from components.export import check_metrics, export_onnx, onnx_record
 
 
 def passages_per_s(model: Any, passages: list[str]) -> float:
@@ -56,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--teacher", default="models/teacher", help="float teacher (speed reference)")
-    parser.add_argument("--student", default="models/student", help="float student, exported here")
+    parser.add_argument("--student", default="models/student",
+                        help="float student, exported here; or a student distill published with its export")
     parser.add_argument("--beir", type=Path, default=Path("data/beir/debian-test"), help="test split")
     parser.add_argument("--dims", type=int, nargs="+", default=[384, 256, 128, 64], help="Matryoshka dims scored")
     parser.add_argument("--passages", type=int, default=1000, help="passages per throughput pass")
@@ -65,10 +67,15 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="onnx-export-") as folder:
-        exported = Path(folder) / "student-onnx"
-        checks = export_onnx(args.student, exported)
-        print(f"export: {checks}\n", flush=True)
-        quality = evaluate_models({"student": args.student, "student_onnx_int8": str(exported)}, args.beir,
+        exported, float_student = Path(folder) / "student-onnx", args.student
+        record = onnx_record(resolve_model_path(args.student))
+        if record is not None and "source" not in record:  # distill's onnx_int8: the float model is beside it
+            exported, float_student = resolve_model_path(args.student), str(Path(folder) / "student-float")
+            shutil.copytree(exported, float_student, ignore=shutil.ignore_patterns("onnx", "manifest.json"))
+            print(f"export (distill's): {check_metrics(record)}\n", flush=True)
+        else:
+            print(f"export: {export_onnx(args.student, exported)}\n", flush=True)
+        quality = evaluate_models({"student": float_student, "student_onnx_int8": str(exported)}, args.beir,
                                   EvaluateConfig(), dims=args.dims)
         rows = [{"dim": dim, "float student": quality[f"student/d{dim}/ndcg@10"],
                  "int8 ONNX student": quality[f"student_onnx_int8/d{dim}/ndcg@10"],
@@ -79,7 +86,7 @@ def main() -> None:
         dataset = read_beir(args.beir)
         passages = list(dataset.corpus.values())[:args.passages]
         queries = list(dataset.queries.values())[:args.queries]
-        models = {"float teacher": load_model(args.teacher), "float student": load_model(args.student),
+        models = {"float teacher": load_model(args.teacher), "float student": load_model(float_student),
                   "int8 ONNX student": load_model(str(exported))}
         for model in models.values():
             model.encode(passages[:64], batch_size=64, show_progress_bar=False)  # warm-up

@@ -57,10 +57,18 @@ def score(models: dict[str, str], sets: dict[str, Path]) -> dict[str, dict[str, 
 
 
 def run(out: Path, recipes: dict[str, dict[str, Any]], work: Path, teacher: Path,
-        students: dict[str, str]) -> dict[str, Any]:
-    """Distil each recipe's student, then score base, teacher, the given `students` and the new ones."""
+        students: dict[str, str], reference: Path | None = None) -> dict[str, Any]:
+    """Distil each recipe's student, then score base, teacher, the given `students` and the new ones; base and
+    teacher rows come from `reference` (an earlier results file on the same sets) when given."""
     sets = {"debian": IN_DOMAIN} | {path.name: path for path in sorted(OOD_ROOT.iterdir()) if path.is_dir()}
     models = {"base": MODEL.read_manifest(teacher, verify=False).extra["base_model"], "teacher": str(teacher)}
+    reused: dict[str, dict[str, float]] = {}
+    if reference is not None:
+        earlier = json.loads(reference.read_text())
+        if earlier["sets"] != {name: str(path) for name, path in sets.items()}:
+            raise SystemExit(f"{reference}: scored other sets ({earlier['sets']}); score base and teacher again")
+        reused = {name: earlier["rows"][name] for name in ("base", "teacher")}
+        models = {}
     models |= students
     distilled: dict[str, dict[str, float]] = {}
     for name, overrides in recipes.items():
@@ -72,12 +80,13 @@ def run(out: Path, recipes: dict[str, dict[str, Any]], work: Path, teacher: Path
         distilled[name] = {"distill_seconds": time.perf_counter() - started,
                            "general_texts": metrics["general_texts"], "student_dev_ndcg@10": metrics["student_dev_ndcg@10"]}
         models[name] = str(work / name)
-    rows = score(models, sets)
+    rows = reused | score(models, sets)
     ood_sets = [name for name in sets if name != "debian"]
     for name, row in rows.items():
         row["ood_mean/d384"] = sum(row[f"{set_name}/d384"] for set_name in ood_sets) / len(ood_sets)
         row |= distilled.get(name, {})
-    result = {"recipes": recipes, "sets": {name: str(path) for name, path in sets.items()}, "rows": rows}
+    result = {"recipes": recipes, "sets": {name: str(path) for name, path in sets.items()}, "rows": rows,
+              "base_and_teacher_from": str(reference) if reference else None}
     out.write_text(json.dumps(result, indent=2))
     print(table(rows, ood_sets))
     return result
@@ -108,9 +117,12 @@ def main() -> None:
                         help="a student already made, scored beside (e.g. debian-only=models/student)")
     parser.add_argument("--teacher", type=Path, default=Path("models/teacher"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/student-recipes"), help="where students are written")
+    parser.add_argument("--reference", type=Path,
+                        help="an earlier results file whose base and teacher rows are reused (their quality is "
+                             "deterministic; the docs/s ratios then compare across runs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(args.out, parse_recipes(args.recipe), args.work, args.teacher, models_from_argv(args.model))
+    run(args.out, parse_recipes(args.recipe), args.work, args.teacher, models_from_argv(args.model), args.reference)
 
 
 if __name__ == "__main__":

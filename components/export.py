@@ -154,8 +154,10 @@ def export_onnx(reference: str, output: Path) -> dict[str, float]:
 
     started = time.perf_counter()
     source = resolve_model_path(reference)
-    if onnx_record(source) is not None:
-        raise ArtifactError(f"{reference}: already an ONNX export; export the model it came from")
+    if (record := onnx_record(source)) is not None:
+        raise ArtifactError(f"{reference}: already an ONNX export; export the model it came from" if "source" in record
+                            else f"{reference}: already carries its int8 ONNX export (onnx/, distill's onnx_int8); "
+                                 "search, serve and every stage run it as it is")
     source_fingerprint = model_fingerprint(reference)  # verifies every file of a model artifact: once
     provenance = Provenance("export", "onnx", {"model": source_fingerprint})
     with MODEL.publish(output, provenance) as (tmp, meta):

@@ -116,7 +116,8 @@ def test_distill_publishes_a_matryoshka_student_whose_truncated_embeddings_are_u
 ) -> None:
     curated, mined = training_inputs
     config = DistillConfig(layers=[0, 2], matryoshka_dims=[32, 16, 8], batch_size=16, max_seq_length=32,
-                           eval_steps=8, dev_queries=16, dev_corpus=32, learning_rate=1e-3)
+                           eval_steps=8, dev_queries=16, dev_corpus=32, learning_rate=1e-3,
+                           general_text_share=0.0, onnx_int8=False)
     paths = DistillPaths(teacher=tiny_teacher_dir, mined=mined, curated=curated, output=tmp_path / "student",
                          checkpoints=tmp_path / "ckpt")
     metrics = distill(config, paths)
@@ -141,7 +142,8 @@ def test_a_killed_distillation_resumes_from_its_checkpoint_to_the_same_student_a
 ) -> None:
     curated, mined = training_inputs
     section = DistillConfig(layers=[0, 2], matryoshka_dims=[32, 16], batch_size=16, max_seq_length=32, epochs=8,
-                            eval_steps=20, dev_queries=16, dev_corpus=32).model_dump(mode="json")
+                            eval_steps=20, dev_queries=16, dev_corpus=32, general_text_share=0.0,
+                            onnx_int8=False).model_dump(mode="json")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"profile": "default", "distill": section}))
     checkpoints = tmp_path / "ckpt"
@@ -178,7 +180,8 @@ def test_the_bucketed_trainer_distils_a_matryoshka_student(
 ) -> None:
     curated, mined = training_inputs
     config = DistillConfig(trainer="bucketed", layers=[0, 2], matryoshka_dims=[32, 16, 8], batch_size=16,
-                           max_seq_length=32, eval_steps=8, dev_queries=16, dev_corpus=32, learning_rate=1e-3)
+                           max_seq_length=32, eval_steps=8, dev_queries=16, dev_corpus=32, learning_rate=1e-3,
+                           general_text_share=0.0, onnx_int8=False)
     paths = DistillPaths(teacher=tiny_teacher_dir, mined=mined, curated=curated, output=tmp_path / "student",
                          checkpoints=tmp_path / "ckpt")
     metrics = distill(config, paths)
@@ -197,7 +200,7 @@ def test_the_general_share_of_the_distillation_texts_comes_from_the_general_inpu
                                                                                     general_text_share=0.25))
     assert (len(mixed_debian), len(mixed_general)) == (30, 10)
     assert set(mixed_debian) <= set(debian) and set(mixed_general) <= set(general)
-    only_debian, none = distillation_texts(debian, general, DistillConfig(distill_texts=40))
+    only_debian, none = distillation_texts(debian, general, DistillConfig(distill_texts=40, general_text_share=0))
     assert none == [] and only_debian == pd.Series(debian).sample(n=40, random_state=42).tolist()
     every_debian, capped = distillation_texts(debian, general, DistillConfig(distill_texts=None,
                                                                              general_text_share=0.5))

@@ -69,3 +69,9 @@ def test_a_model_published_with_onnx_int8_carries_its_export_and_loads_as_it(onn
     assert not isinstance(torch_weights[0].model, OnnxTransformer)
     expected = load_model(str(tiny_model_dir)).encode(CHECK_TEXTS, normalize_embeddings=True)
     assert np.allclose(torch_weights.encode(CHECK_TEXTS, normalize_embeddings=True), expected, atol=1e-6)
+
+
+def test_a_model_published_with_its_export_is_not_exported_again(onnx_student_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="already carries its int8 ONNX export"):
+        export_onnx(str(onnx_student_dir), tmp_path / "again")
+    assert not (tmp_path / "again").exists()
