@@ -39,6 +39,9 @@ SCREEN_MARGIN = 1e-4
 # Cosines to a group's mean are compared at this many decimals, coarse against cross-CPU noise (~1e-6) and fine
 # against the spread inside a group (cosines to the mean lie within [1 - eps, 1]).
 ORDER_DECIMALS = 3
+# The audit reports each dropped row's cosine at this many decimals, so that the same decisions on another CPU
+# or in a container (float32 sums in another order) write the same audit bytes.
+AUDIT_DECIMALS = 4
 
 
 class KeepRule(str, Enum):
@@ -168,7 +171,7 @@ def decide(vectors: np.ndarray, ids: list[str], pairs: np.ndarray, keep_rule: Ke
                 continue
             cosine, negative_kept = max(similar)
             keep[row] = False
-            audit.append({"dropped_id": ids[row], "kept_id": ids[-negative_kept], "similarity": cosine,
+            audit.append({"dropped_id": ids[row], "kept_id": ids[-negative_kept], "similarity": round(cosine, AUDIT_DECIMALS),
                           "reason": "semantic_duplicate", "group": number})
     return SemanticDedup(keep=keep, audit=audit, group_sizes=np.array([len(g) for g in groups], dtype=np.int64))
 

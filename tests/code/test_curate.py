@@ -26,7 +26,7 @@ from components.curate import (
     with_dedup_keys,
 )
 from components.data import DataError, read_beir, read_pairs
-from components.semdedup import KeepRule, semantic_dedup
+from components.semdedup import AUDIT_DECIMALS, KeepRule, semantic_dedup
 from components.text import normalise
 from tests.helpers import unit_rows
 
@@ -173,6 +173,12 @@ def test_identical_vectors_keep_one_and_audit_the_kept_id() -> None:
         assert row["kept_id"] == "v0" and row["reason"] == "semantic_duplicate"
         assert row["similarity"] > 1 - 0.01
     assert result.group_sizes.tolist() == [3]
+
+
+def test_the_audit_reports_cosines_rounded_so_float_noise_cannot_change_its_bytes() -> None:
+    vectors = unit_rows([[1, 2, 3, 0], [1, 2, 3.01, 0], [1, 2, 3.0000001, 0], [0, 0, 0, 1]])
+    for row in _dedup(vectors, eps=0.01).audit:
+        assert row["similarity"] == round(row["similarity"], AUDIT_DECIMALS) and row["similarity"] > 1 - 0.01
 
 
 def test_orthogonal_vectors_are_all_kept_even_with_a_large_eps() -> None:
