@@ -1,6 +1,8 @@
 """export: a sentence-transformers model as ONNX with int8 weights, for CPU serving with ONNX Runtime.
 
-    embedforge export --model models/student --output exports/student-onnx
+    embedforge export --model models/teacher --output exports/teacher-onnx
+
+(The default profile's student needs none: distill's `onnx_int8` publishes it with this export.)
 
 The output is the model directory itself (tokenizer, pooling, Dense and Normalize modules, safetensors) plus
 `onnx/model.onnx` (the transformer, float32, exported by `torch.onnx`) and `onnx/model_qint8.onnx` (the same
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     from components.cli import configure_logging
 
     parser = argparse.ArgumentParser(prog="embedforge export", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="models/student", help="model directory or artifact to export")
-    parser.add_argument("--output", type=Path, default=Path("exports/student-onnx"), help="exported model dir")
+    parser.add_argument("--model", required=True, help="model directory or artifact to export")
+    parser.add_argument("--output", type=Path, required=True, help="exported model dir")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
