@@ -15,6 +15,7 @@ import yaml
 
 from components.artifacts import read_manifest
 from components.data import read_beir
+from components.distill import DistillConfig
 from components.stages import STAGES
 from tests.e2e.project import dvc_command, dvc_env, run_dvc
 from tests.helpers import pipeline_runs
@@ -38,7 +39,7 @@ def test_smoke_repro_publishes_every_artifact_with_a_manifest(smoke_project: Pat
     assert embeddings.counts["dim"] == 384
     assert 0 < mined.counts["rows"] <= curated.counts["rows_train"]
     assert teacher.counts == {"layers": 6, "dim": 384}
-    assert student.counts == {"layers": 3, "dim": 384}
+    assert student.counts == {"layers": len(DistillConfig().layers), "dim": 384}
     assert student.inputs["teacher"] == teacher.fingerprint
     quantized = read_manifest(smoke_project / "data/quantized", kind="quantized_embeddings", schema_version=1)
     assert quantized.inputs["model:student"] == student.fingerprint
