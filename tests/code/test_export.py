@@ -30,6 +30,8 @@ def test_the_export_is_a_model_artifact_naming_its_source_with_float_and_int8_on
     assert {"onnx/model.onnx", "onnx/model_qint8.onnx"} <= set(manifest.files)
     assert record["bytes"]["qint8"] < record["bytes"]["float32"] / 2
     assert record["min_cosine_to_source"]["float32"] > 0.9999
+    assert manifest.counts == {"dim": load_model(str(tiny_model_dir)).get_embedding_dimension()}  # a plain dir
+
 
 
 @pytest.mark.parametrize(("variant", "floor"), [("float32", 0.9999), ("qint8", 0.98)])

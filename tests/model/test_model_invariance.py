@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 # (MiniLM) tokenizer lowercases and splits on any whitespace, so the token ids do not change at all; the bound
 # leaves room only for float noise (twins are encoded in other batches, with other padding). A cased tokenizer
 # fails it: the smoke student with lowercasing switched off puts 'VISUALISER OF MOLECULAR DYNAMIC SIMULATIONS'
-# at cosine -0.06 to its lower-case original.
+# at cosine -0.06 to its lower-case original. So does an int8 student whose activations are quantized per
+# batch rather than per text: cosine 0.991 for a twin that lands in another batch.
 MIN_COSINE = 0.999
 
 
@@ -86,3 +87,18 @@ def test_a_rewrapped_description_keeps_its_embedding(
     worst = int(np.argmin(cosines))
     assert cosines[worst] > MIN_COSINE, (
         f"{model}: {originals[worst][:80]!r}... re-wrapped: cosine {cosines[worst]:.4f}")
+
+
+@pytest.mark.parametrize("model", TRAINED_MODELS)
+def test_a_query_embeds_the_same_alone_and_beside_other_texts(
+        model: str, retrieval_set: RetrievalSet, encoded: Callable[[str], Encoded],
+        embed: Callable[[str, list[str]], np.ndarray]) -> None:
+    """Served, a query is encoded alone; evaluated, in batches with passages of every length."""
+    longest = max(retrieval_set.passages, key=len)
+    for index in range(0, len(retrieval_set.queries), 10):
+        query = retrieval_set.queries[index]
+        alone = embed(model, [query])[0]
+        beside_a_long_passage = embed(model, [query, longest])[0]
+        cosine = float(alone @ beside_a_long_passage)
+        assert cosine > MIN_COSINE, f"{model}: {query!r} alone vs beside a long passage: cosine {cosine:.4f}"
+        assert float(alone @ encoded(model).queries[index]) > MIN_COSINE, f"{model}: {query!r} alone vs in its batch"
