@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -664,9 +665,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(STAGE, EvaluateConfig)
     parser.add_argument("--model", action="append", default=None, metavar="[NAME=]PATH",
                         help="quick mode: exact float search with this model on --beir (repeatable); no artifacts")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.model:  # quick mode reads --beir and the models only: the pipeline's artifacts are no inputs then
         args.quantized = args.index = args.output = None
+        if not any(item == "--metrics" or item.startswith("--metrics=") for item in argv):
+            args.metrics = None  # it prints its scores: the pipeline's metrics file is written by the pipeline only
     if args.model and not args.params.is_file():  # quick mode also works outside a project, on defaults
         configure_logging(args.verbose)
         config = EvaluateConfig()

@@ -48,6 +48,7 @@ from components.evaluate import (
     make_searcher,
     rescore_store,
 )
+from components.tracking import tracking_uri
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -183,7 +184,9 @@ def locate_registered(uri: str) -> ModelSource:
     from mlflow.tracking import MlflowClient
 
     name, _, alias = uri.removeprefix(REGISTRY_PREFIX).partition("@")
-    client = MlflowClient()
+    store = tracking_uri()  # the environment's, not whatever an earlier stage in this process set
+    mlflow.set_tracking_uri(store)
+    client = MlflowClient(store)
     try:
         if alias:
             version = client.get_model_version_by_alias(name, alias)

@@ -208,6 +208,19 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return run_python(["-m", "components.evaluate", *args], cwd=cwd, env=offline)
 
 
+def test_quick_mode_prints_its_scores_and_leaves_the_pipelines_metrics_file_alone(self_retrieval_beir: Path,
+                                                                                  tiny_model_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    pipeline_metrics = tmp_path / "metrics" / "evaluate.json"
+    pipeline_metrics.parent.mkdir()
+    pipeline_metrics.write_text('{"operating_point/ndcg@10": 0.8}')
+    done = _run_cli(["--model", f"tiny={tiny_model_dir}", "--beir", str(self_retrieval_beir), "--no-tracking"],
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tiny/d32/ndcg@10"] == pytest.approx(1.0)
+    assert pipeline_metrics.read_text() == '{"operating_point/ndcg@10": 0.8}'
+
+
 @pytest.mark.slow
 def test_cli_writes_metrics_report_plots_and_the_evaluation_artifact(tmp_path: Path,
                                                                       retrieval_stack: dict[str, Path]) -> None:
