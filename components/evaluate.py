@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -655,6 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     from components.cli import (
         StageOutcome,
         configure_logging,
+        local_path,
         parse_stage_args,
         prepare_stage,
         run_stage,
@@ -665,12 +665,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(STAGE, EvaluateConfig)
     parser.add_argument("--model", action="append", default=None, metavar="[NAME=]PATH",
                         help="quick mode: exact float search with this model on --beir (repeatable); no artifacts")
-    argv = sys.argv[1:] if argv is None else argv
+    pipeline_metrics = parser.get_default("metrics")
+    parser.set_defaults(metrics=None)  # quick mode prints its scores: it writes a metrics file only when given one
     args = parser.parse_args(argv)
     if args.model:  # quick mode reads --beir and the models only: the pipeline's artifacts are no inputs then
         args.quantized = args.index = args.output = None
-        if not any(item == "--metrics" or item.startswith("--metrics=") for item in argv):
-            args.metrics = None  # it prints its scores: the pipeline's metrics file is written by the pipeline only
+    elif args.metrics is None:
+        args.metrics = local_path(pipeline_metrics)
     if args.model and not args.params.is_file():  # quick mode also works outside a project, on defaults
         configure_logging(args.verbose)
         config = EvaluateConfig()

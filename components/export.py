@@ -8,9 +8,9 @@ The output is the model directory itself (tokenizer, pooling, Dense and Normaliz
 `onnx/model.onnx` (the transformer, float32, exported by `torch.onnx`) and `onnx/model_qint8.onnx` (the same
 with int8 weights, per output channel, activations quantized on the fly by ONNX Runtime's dynamic
 quantization, one text at a time so that no text's embedding depends on its batch), published as a model
-artifact whose manifest names the model it was exported from. The `onnx/`
-layout is sentence-transformers' ONNX backend's (`backend="onnx"`, which needs `optimum`; optimum's releases
-here require transformers < 5, so this project runs the file with its own loader): `load_onnx` keeps the
+artifact whose manifest names the model it was exported from. The `onnx/` layout is sentence-transformers'
+ONNX backend's (`backend="onnx"`, which needs `optimum`; optimum's releases here require transformers < 5, so
+this project runs the file with its own loader): `load_onnx` keeps the
 sentence-transformers pipeline (tokenisation, truncation, pooling, Dense, Normalize) and swaps only the
 transformer's forward pass for an ONNX Runtime session. `embed.load_model` does that for any exported
 directory, so every stage, `embedforge evaluate --model`, search and serve take one.

@@ -33,7 +33,6 @@ def test_the_export_is_a_model_artifact_naming_its_source_with_float_and_int8_on
     assert manifest.counts == {"dim": load_model(str(tiny_model_dir)).get_embedding_dimension()}  # a plain dir
 
 
-
 @pytest.mark.parametrize(("variant", "floor"), [("float32", 0.9999), ("qint8", 0.98)])
 def test_the_onnx_runtime_model_encodes_like_the_torch_model(exported: Path, tiny_model_dir: Path, variant: str,
                                                             floor: float) -> None:

@@ -73,7 +73,7 @@ def test_mlflow_run_page_shows_the_evaluate_runs_ndcg_at_10(airflow_server: Airf
         page.goto(f"{url}/#/experiments/{evaluate.info.experiment_id}/runs/{evaluate.info.run_id}",
                   timeout=UI_TIMEOUT_MS)
         page.get_by_placeholder("Search metrics").fill("operating_point/ndcg")
-        # the row whose name starts with it: not ood/<set>/operating_point/ndcg_at_10
+        # the row with a cell reading exactly that name: not ood/<set>/operating_point/ndcg_at_10
         row = page.get_by_role("row").filter(has=page.get_by_text("operating_point/ndcg_at_10", exact=True))
         row.wait_for(timeout=UI_TIMEOUT_MS)
         row.scroll_into_view_if_needed()
