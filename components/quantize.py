@@ -64,6 +64,10 @@ class QuantizeConfig(StageConfig):
         1000, ge=100,
         description="Train passages whose per-dim min/max set the int8 ranges (never the test corpus).")
     batch_size: int = Field(64, ge=1, description="Texts per encode batch.")
+    max_seq_length: int | None = Field(
+        None, ge=8,
+        description="Tokens per text every model encodes here and in evaluate and search; null = each model's "
+                    "own serving length (a shorter one only to keep tiny test runs fast).")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="float32 | bfloat16 inference (the embeddings being quantized: keep float32).")
     seed: int = Field(42, description="Calibration sample seed.")
@@ -124,7 +128,7 @@ def quantize(config: QuantizeConfig, paths: QuantizePaths) -> dict[str, float]:
     with QUANTIZED.publish(paths.output, provenance) as (tmp, meta):
         (tmp / "doc_ids.json").write_text(json.dumps(doc_ids))
         for name, reference in models.items():
-            model = load_model(reference, dtype=config.dtype)
+            model = load_model(reference, max_seq_length=config.max_seq_length, dtype=config.dtype)
             model.encode([corpus[i] for i in doc_ids[: config.batch_size]], batch_size=config.batch_size)  # warm-up
             docs = encode(model, [corpus[i] for i in doc_ids], batch_size=config.batch_size, label=f"{name} docs")
             samples = encode(model, calibration, batch_size=config.batch_size, label=f"{name} calibration").vectors
