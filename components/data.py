@@ -154,9 +154,18 @@ def read_pairs(path: Path) -> pd.DataFrame:
     return frame[list(PAIR_COLUMNS)].astype(str).reset_index(drop=True)
 
 
-def read_texts(path: Path) -> list[str]:
+@dataclass(frozen=True)
+class GeneralText:
+    """One unlabelled general-domain text, and its title where the source gives one (a dictionary entry's
+    headword: the short, query-like text a search box would be asked)."""
+
+    text: str
+    title: str | None = None
+
+
+def read_texts(path: Path) -> list[GeneralText]:
     """Unlabelled texts from JSONL (optionally gzipped), one object per line with a `text` field (and an
-    optional `id`): the general-domain texts distillation mixes in."""
+    optional `id` and `title`): the general-domain texts distillation mixes in."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
@@ -165,16 +174,19 @@ def read_texts(path: Path) -> list[str]:
     records = _read_jsonl_records(path, _check_text_record)
     if not records:
         raise DataError(f"{path}: no rows; give at least one {{\"text\": ...}} line")
-    return [str(record.fields["text"]) for record in records]
+    return [GeneralText(**record.fields) for record in records]  # type: ignore[arg-type]
 
 
 def _check_text_record(record: object, where: str) -> dict[str, object]:
     if not isinstance(record, dict) or "text" not in record:
         raise DataError(f"{where}: expected a JSON object with a 'text' field")
-    unknown = sorted(set(record) - {"id", "text"})
+    unknown = sorted(set(record) - {"id", "text", "title"})
     if unknown:
-        raise DataError(f"{where}: unknown field(s) {unknown}; allowed are ['id', 'text']")
-    return {"text": _check_text(record["text"], "text", where)}
+        raise DataError(f"{where}: unknown field(s) {unknown}; allowed are ['id', 'text', 'title']")
+    fields = {"text": _check_text(record["text"], "text", where)}
+    if "title" in record:
+        fields["title"] = _check_text(record["title"], "title", where)
+    return fields
 
 
 def _check_unique_ids(records: list[_Record], ids: list[str]) -> None:

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,7 @@ from pydantic import Field, field_validator
 from components.artifact_types import MODEL, Provenance, read_curated, read_mined, write_model
 from components.artifacts import file_sha256
 from components.config import ConfigError, StageConfig, params_digest
-from components.data import read_texts
+from components.data import GeneralText, read_texts
 from components.model_card import TrainingFacts, training_card
 from components.tracking import git_code_state
 from components.training import (TRAINER_HELP, accelerator_metrics, data_shard_metrics, dev_evaluator, fit_bucketed,
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGE = "distill"
+Item = TypeVar("Item")
 
 
 class DistillConfig(StageConfig):
@@ -83,6 +84,11 @@ class DistillConfig(StageConfig):
         description="Share of the distillation texts drawn from the general-text input (unlabelled general "
                     "English), so that the student keeps what the base model knew outside Debian; 0 = Debian "
                     "texts only.")
+    general_titles: bool = Field(
+        False,
+        description="Also learn the embeddings of the sampled general texts' titles (a dictionary entry's "
+                    "headword), where the input gives them: short, query-like texts, as the Debian texts hold "
+                    "queries beside passages. On top of distill_texts.")
     general_targets: Literal["teacher", "base"] = Field(
         "teacher",
         description="Whose embeddings of the general texts the student learns: the teacher's, or those of the "
@@ -138,18 +144,24 @@ class DistillPaths:
     general_text: Path | None = None
 
 
-def distillation_texts(debian: list[str], general: list[str], config: DistillConfig) -> tuple[list[str], list[str]]:
+def distillation_texts(debian: list[str], general: list[GeneralText], config: DistillConfig
+                       ) -> tuple[list[str], list[str]]:
     """The Debian and the general texts whose targets the student learns: `distill_texts` in all (null: every
-    Debian text, plus the general share on top), `general_text_share` of them general, each a seeded sample."""
+    Debian text, plus the general share on top), `general_text_share` of them general, each a seeded sample;
+    with `general_titles`, the sampled general texts' titles follow them."""
     share = config.general_text_share
     total = config.distill_texts if config.distill_texts is not None else round(len(debian) / (1 - share))
     general_count = min(round(total * share), len(general))
     debian_count = min(total - general_count, len(debian))
 
-    def sample(texts: list[str], count: int) -> list[str]:
-        return texts if count >= len(texts) else pd.Series(texts).sample(n=count, random_state=config.seed).tolist()
+    def sample(items: list[Item], count: int) -> list[Item]:
+        if count >= len(items):
+            return items
+        return [items[position] for position in pd.Series(range(len(items))).sample(n=count, random_state=config.seed)]
 
-    return sample(debian, debian_count), sample(general, general_count)
+    chosen = sample(general, general_count)
+    titles = [entry.title for entry in chosen if entry.title is not None] if config.general_titles else []
+    return sample(debian, debian_count), [entry.text for entry in chosen] + titles
 
 
 def check_against_teacher(config: DistillConfig, teacher_layers: int, teacher_dim: int) -> None:

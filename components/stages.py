@@ -152,7 +152,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         "distill", "a smaller Matryoshka student from a subset of the teacher's layers",
         inputs=(_input("teacher", MODEL, "models/teacher", "teacher model artifact"), MINED_IN, CURATED_IN,
                 Port("general_text", "general_text", "data/raw/general-text/texts.jsonl.gz",
-                     "general-domain texts, JSONL (.gz) with text[, id]: mixed in by general_text_share")),
+                     "general-domain texts, JSONL (.gz) with text[, id, title]: mixed in by general_text_share")),
         outputs=(Port("output", "student", "models/student", "student model artifact", kind=MODEL),
                  Port("checkpoints", "student_checkpoints", "checkpoints/student",
                       "checkpoint dir; a re-run with the same params and inputs resumes from it", dvc="none"),

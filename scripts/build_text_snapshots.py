@@ -3,8 +3,8 @@
 distillation, and two out-of-domain retrieval sets for evaluation.
 
 - `data/raw/general-text/texts.jsonl.gz`: WordNet 3.0 synsets (`wordnet-base`: the words and their gloss) and
-  Webster's 1913 senses (`dict-gcide`), one text each, a deterministic sample. Unlabelled: distillation needs
-  only the teacher's embedding of each text.
+  Webster's 1913 senses (`dict-gcide`), one text each with its title (the words, the headword), a deterministic
+  sample. Unlabelled: distillation needs only the teacher's embeddings of each text and title.
 - `data/raw/ood/foldoc` and `data/raw/ood/jargon`: BEIR sets (query = a term, relevant passage = its entry) from
   the Free On-line Dictionary of Computing (`dict-foldoc`, without the entries it took from the Jargon File)
   and the Jargon File (`dict-jargon`). Neither source feeds any training stage.
@@ -128,8 +128,8 @@ def ood_set(entries: Iterator[tuple[list[str], str]], skip: re.Pattern[str] | No
     return {"corpus": corpus, "queries": queries, "qrels": qrels, "eligible_entries": len(kept)}
 
 
-def wordnet_texts(package: Package) -> dict[str, str]:
-    """'word, synonym: gloss' for every synset of the four parts of speech."""
+def wordnet_texts(package: Package) -> dict[str, tuple[str, str]]:
+    """(title 'word, synonym', text 'word, synonym: gloss') for every synset of the four parts of speech."""
     texts = {}
     for part in ("noun", "verb", "adj", "adv"):
         for line in (package.root / "usr/share/wordnet" / f"data.{part}").read_text(encoding="utf-8").splitlines():
@@ -139,12 +139,14 @@ def wordnet_texts(package: Package) -> dict[str, str]:
             parts = fields.split()
             words = [parts[4 + 2 * index].replace("_", " ") for index in range(int(parts[3], 16))]
             words = [re.sub(r"\(\w+\)$", "", word) for word in words]
-            texts[f"wordnet:{part}:{parts[0]}"] = clean(f"{', '.join(dict.fromkeys(words))}: {gloss}")
+            title = clean(", ".join(dict.fromkeys(words)))
+            texts[f"wordnet:{part}:{parts[0]}"] = (title, clean(f"{title}: {gloss}"))
     return texts
 
 
-def gcide_texts(package: Package) -> dict[str, str]:
-    """'headword: sense' for the senses of Webster's 1913 entries (GCIDE's WordNet 1.5 entries left to WordNet)."""
+def gcide_texts(package: Package) -> dict[str, tuple[str, str]]:
+    """(headword, 'headword: sense') for the senses of Webster's 1913 entries (GCIDE's WordNet 1.5 entries left to
+    WordNet)."""
     texts = {}
     for words, entry in dictd_entries(package, "gcide"):
         if "[1913 Webster]" not in entry:
@@ -155,14 +157,16 @@ def gcide_texts(package: Package) -> dict[str, str]:
         for number, sense in enumerate(re.split(r"\n\s*\d+\.\s", text)[1:] or [text.split("\n", 1)[-1]]):
             sense = clean(sense.split("Syn:")[0])
             if sense:
-                texts[f"gcide:{title}:{number}"] = f"{title}: {sense}"
+                texts[f"gcide:{title}:{number}"] = (title, f"{title}: {sense}")
     return texts
 
 
-def general_sample(texts: dict[str, str], count: int) -> list[dict[str, str]]:
-    fitting = [key for key, text in texts.items() if MIN_GENERAL_CHARS <= len(text) <= MAX_GENERAL_CHARS]
+def general_sample(texts: dict[str, tuple[str, str]], count: int) -> list[dict[str, str]]:
+    """`count` rows (id, title, text), chosen by a hash of the id among the texts of a fitting length. The title
+    (the headword) is what a search box would be asked; the text is the entry."""
+    fitting = [key for key, (_, text) in texts.items() if MIN_GENERAL_CHARS <= len(text) <= MAX_GENERAL_CHARS]
     chosen = sorted(fitting, key=stable_order)[:count]
-    return [{"id": key, "text": texts[key]} for key in sorted(chosen)]
+    return [{"id": key, "title": texts[key][0], "text": texts[key][1]} for key in sorted(chosen)]
 
 
 def provenance(packages: list[Package], counts: dict[str, int]) -> dict:

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.data import PAIR_COLUMNS, BeirDataset, DataError, read_beir, read_pairs, read_texts, write_beir
+from components.data import (PAIR_COLUMNS, BeirDataset, DataError, GeneralText, read_beir, read_pairs, read_texts,
+                             write_beir)
 from components.text import normalise
 
 QUERY = "mail transfer agent"
@@ -343,13 +344,15 @@ def test_qrels_quotes_are_read_as_written_by_write_beir(tmp_path: Path) -> None:
 
 def test_general_texts_are_read_from_gzipped_jsonl_in_file_order(tmp_path: Path) -> None:
     path = tmp_path / "texts.jsonl.gz"
-    path.write_bytes(gzip.compress(b'{"id": "a", "text": "apple: a fruit"}\n\n{"text": "pear: another fruit"}\n'))
-    assert read_texts(path) == ["apple: a fruit", "pear: another fruit"]
+    path.write_bytes(gzip.compress(b'{"id": "a", "title": "apple", "text": "apple: a fruit"}\n\n'
+                                   b'{"text": "pear: another fruit"}\n'))
+    assert read_texts(path) == [GeneralText("apple: a fruit", title="apple"), GeneralText("pear: another fruit")]
 
 
 @pytest.mark.parametrize(("line", "expected"), [
     (b'{"id": "a"}', "texts.jsonl:1: expected a JSON object with a 'text' field"),
     (b'{"text": "   "}', "texts.jsonl:1: field 'text' is empty"),
+    (b'{"text": "x", "title": ""}', "texts.jsonl:1: field 'title' is empty"),
     (b'{"text": "x", "label": 1}', r"texts.jsonl:1: unknown field\(s\) \['label'\]"),
     (b'["text"]', "texts.jsonl:1: expected a JSON object"),
 ])

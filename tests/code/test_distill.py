@@ -19,6 +19,7 @@ import yaml
 from components.artifacts import read_manifest
 from components.config import ConfigError, build_config
 from components.artifact_types import MATRYOSHKA_FILE
+from components.data import GeneralText
 from components.distill import (
     DistillConfig,
     DistillPaths,
@@ -195,16 +196,30 @@ def test_the_bucketed_trainer_distils_a_matryoshka_student(
 
 
 def test_the_general_share_of_the_distillation_texts_comes_from_the_general_input() -> None:
-    debian, general = [f"debian {index}" for index in range(100)], [f"general {index}" for index in range(50)]
+    debian = [f"debian {index}" for index in range(100)]
+    general = [GeneralText(f"general {index}") for index in range(50)]
+    general_texts = [entry.text for entry in general]
     mixed_debian, mixed_general = distillation_texts(debian, general, DistillConfig(distill_texts=40,
                                                                                     general_text_share=0.25))
     assert (len(mixed_debian), len(mixed_general)) == (30, 10)
-    assert set(mixed_debian) <= set(debian) and set(mixed_general) <= set(general)
+    assert set(mixed_debian) <= set(debian) and set(mixed_general) <= set(general_texts)
     only_debian, none = distillation_texts(debian, general, DistillConfig(distill_texts=40, general_text_share=0))
     assert none == [] and only_debian == pd.Series(debian).sample(n=40, random_state=42).tolist()
     every_debian, capped = distillation_texts(debian, general, DistillConfig(distill_texts=None,
                                                                              general_text_share=0.5))
-    assert sorted(every_debian) == sorted(debian) and sorted(capped) == sorted(general)  # 100 wanted, 50 there
+    assert sorted(every_debian) == sorted(debian) and sorted(capped) == sorted(general_texts)  # 100 wanted, 50 there
+
+
+def test_general_titles_follow_their_sampled_texts_on_top_of_the_share() -> None:
+    debian = [f"debian {index}" for index in range(100)]
+    general = [GeneralText(f"word{index}: meaning {index}", title=f"word{index}") for index in range(40)]
+    general.append(GeneralText("untitled: a text without a title"))
+    config = DistillConfig(distill_texts=40, general_text_share=0.25, general_titles=True)
+    _, mixed = distillation_texts(debian, general, config)
+    texts, titles = mixed[:10], mixed[10:]
+    assert titles == [text.split(":")[0] for text in texts if not text.startswith("untitled")]
+    without_titles = distillation_texts(debian, general, config.model_copy(update={"general_titles": False}))[1]
+    assert without_titles == texts  # the titles change no sample
 
 
 def test_a_general_share_without_a_general_text_input_is_refused(
