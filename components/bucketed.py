@@ -5,8 +5,9 @@ leave a GPU waiting on the host: each batch is tokenised in Python when it is ne
 text, and the step's bookkeeping runs between kernels. Here every text is tokenised once, up front, in the
 tokenizer's own parallel batches; rows of similar length are batched together, so little of a batch is
 padding; batches are padded and pinned on a background thread while the GPU works; and the step is plain
-bf16-autocast AdamW. The losses are sentence-transformers' own (any loss that takes features and labels), so
-a model trained here optimises exactly what the trainer would.
+AdamW, under bf16 autocast on a GPU (and on a CPU with native bf16). The losses are sentence-transformers' own
+(any loss that takes features and labels), so a model trained here optimises exactly what the trainer would.
+The same batching pays on a CPU: a random batch of Debian passages is padded to 128 tokens, twice their median.
 
 What the trainer does and this loop does not: checkpoints (a killed run starts again: on a GPU the stages take
 minutes) and `torchrun` (one process, one device). Its dev evaluations keep the best weights in memory, as the
@@ -167,6 +168,7 @@ class Schedule:
     seed: int
     weight_decay: float = 0.0  # the trainer's default
     max_grad_norm: float = 1.0  # the trainer's default
+    bf16: bool = False  # bf16 autocast (`training.device_settings` decides: CUDA where supported, native-bf16 CPUs)
 
 
 @dataclass
@@ -252,12 +254,11 @@ def fit(model: SentenceTransformer, objectives: dict[str, Objective], schedule: 
         evaluate: Callable[[], float] | None = None,
         on_log: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
     """Train `model` on the objectives; with `evaluate` (higher is better) every `eval_steps` and at the end,
-    the best-scoring weights are loaded back at the end. bf16 autocast on a CUDA device that supports it."""
+    the best-scoring weights are loaded back at the end. bf16 autocast where `schedule.bf16` says."""
     import torch
 
     device = model.device
     on_cuda = device.type == "cuda"
-    autocast = on_cuda and torch.cuda.is_bf16_supported()
     pad_id = model.tokenizer.pad_token_id or 0
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     own = {id(parameter) for parameter in parameters}
@@ -302,7 +303,7 @@ def fit(model: SentenceTransformer, objectives: dict[str, Objective], schedule: 
             features = [{key: value.to(device, non_blocking=True) for key, value in column.items()}
                         for column in features]
             labels = None if labels is None else labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=schedule.bf16):
                 loss = objectives[name].loss(features, labels)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters + extra, schedule.max_grad_norm)

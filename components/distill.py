@@ -111,7 +111,7 @@ class DistillConfig(StageConfig):
         description="Publish the student with its ONNX export, int8 weights (components/export.py): every later "
                     "stage, search and serve then encode with ONNX Runtime on the CPU, so evaluate measures what "
                     "is served. For CPU serving; a GPU machine keeps it off.")
-    eval_steps: int = Field(45, ge=1, description="Dev evaluation and checkpoint every this many steps.")
+    eval_steps: int = Field(90, ge=1, description="Dev evaluation and checkpoint every this many steps.")
     dev_queries: int = Field(500, ge=10, description="Dev queries in the in-training evaluation.")
     dev_corpus: int = Field(1000, ge=10, description="Dev passages in that evaluation.")
     teacher_batch_size: int = Field(64, ge=1, description="Texts per batch when computing teacher targets.")

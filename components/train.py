@@ -143,6 +143,7 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
         fitted = fit_bucketed(model, {"train": objective(model, build_loss(config, model), frame)}, config, evaluator)
         loss_history = [(int(entry["step"]), entry["loss"]) for entry in fitted.log_history if "loss" in entry]
         steps, training_loss, seconds, resumed, shards = fitted.steps, fitted.training_loss, fitted.seconds, None, {}
+        best_dev = fitted.best_score
     else:
         from datasets import Dataset
         from sentence_transformers import SentenceTransformerTrainer
@@ -162,7 +163,9 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
         loss_history = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
         steps, training_loss = trainer.state.global_step, output.training_loss
         seconds = output.metrics.get("train_runtime", 1.0)
-    best = evaluator(model)
+        best_dev = trainer.state.best_metric
+    if best_dev is None:  # no dev evaluation ran (fewer steps than eval_steps)
+        best_dev = evaluator(model)["dev_cosine_ndcg@10"]
     metrics = {
         "train_pairs": len(frame),
         "hard_negatives": config.hard_negatives,
@@ -171,7 +174,7 @@ def train(config: TrainConfig, paths: TrainPaths) -> TrainResult:
         "loss_start": _mean_loss(loss_history[: max(1, len(loss_history) // 4)]),
         "loss_end": _mean_loss(loss_history[-max(1, len(loss_history) // 4):]),
         "dev_ndcg@10_before": baseline["dev_cosine_ndcg@10"],
-        "dev_ndcg@10_best": best["dev_cosine_ndcg@10"],
+        "dev_ndcg@10_best": best_dev,  # the kept weights' score, as the trainers measured it
         "pairs_per_s": len(frame) * config.epochs / max(seconds, 1e-9),
         "resumed": float(resumed is not None),
         **shards,

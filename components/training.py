@@ -241,7 +241,8 @@ def fit_bucketed(model: SentenceTransformer, objectives: dict[str, Objective], s
         raise ConfigError("trainer=bucketed trains in one process; under torchrun set trainer=sentence_transformers")
     loop_schedule = LoopSchedule(epochs=schedule.epochs, batch_size=schedule.batch_size,
                                  learning_rate=schedule.learning_rate, warmup_ratio=schedule.warmup_ratio,
-                                 eval_steps=schedule.eval_steps, seed=schedule.seed)
+                                 eval_steps=schedule.eval_steps, seed=schedule.seed,
+                                 bf16=bool(device_settings(schedule.cpu_bf16)["bf16"]))
     return fit(model, objectives, loop_schedule, evaluate=lambda: evaluator(model)[DEV_METRIC.removeprefix("eval_")],
                on_log=log_curves)
 

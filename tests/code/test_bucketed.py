@@ -145,3 +145,25 @@ def test_the_bucketed_trainer_refuses_to_run_under_torchrun(tiny_model_dir: Path
     model = load_model(str(tiny_model_dir))
     with pytest.raises(ConfigError, match="trainer=sentence_transformers"):
         fit_bucketed(model, _contrastive_task(model), TrainConfig(trainer="bucketed"), lambda _: {})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_loss_runs_under_bf16_autocast_exactly_when_the_schedule_asks(tiny_model_dir: Path, bf16: bool) -> None:
+    model = load_model(str(tiny_model_dir), max_seq_length=32)
+    task = _contrastive_task(model)["pairs"]
+    autocast_seen: list[bool] = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, features: list[dict[str, torch.Tensor]], labels: torch.Tensor | None) -> torch.Tensor:
+            autocast_seen.append(torch.is_autocast_enabled("cpu"))
+            return self.inner(features, labels)
+
+    tasks = {"pairs": type(task)(loss=Recording(task.loss), columns=task.columns, text_ids=task.text_ids)}
+    schedule = Schedule(epochs=1, batch_size=16, learning_rate=1e-4, warmup_ratio=0.0, eval_steps=100, seed=0,
+                        bf16=bf16)
+    fit(model, tasks, schedule)  # type: ignore[arg-type]
+    assert autocast_seen and set(autocast_seen) == {bf16}
