@@ -7,7 +7,8 @@ tokenizer's own parallel batches; rows of similar length are batched together, s
 padding; batches are padded and pinned on a background thread while the GPU works; and the step is plain
 AdamW, under bf16 autocast on a GPU (and on a CPU with native bf16). The losses are sentence-transformers' own
 (any loss that takes features and labels), so a model trained here optimises exactly what the trainer would.
-The same batching pays on a CPU: a random batch of Debian passages is padded to 128 tokens, twice their median.
+On a CPU the batching saves less: the default's mined triplets pad to 1.51x their tokens against 1.84x in
+random batches, and train took 11.8 min against the trainer's 13.2 on an AVX2-only 2-core EPYC.
 
 What the trainer does and this loop does not: checkpoints (a killed run starts again: on a GPU the stages take
 minutes) and `torchrun` (one process, one device). Its dev evaluations keep the best weights in memory, as the

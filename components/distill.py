@@ -155,9 +155,7 @@ def distillation_texts(debian: list[str], general: list[GeneralText], config: Di
     debian_count = min(total - general_count, len(debian))
 
     def sample(items: list[Item], count: int) -> list[Item]:
-        if count >= len(items):
-            return items
-        return [items[position] for position in pd.Series(range(len(items))).sample(n=count, random_state=config.seed)]
+        return items if count >= len(items) else pd.Series(items).sample(n=count, random_state=config.seed).tolist()
 
     chosen = sample(general, general_count)
     titles = [entry.title for entry in chosen if entry.title is not None] if config.general_titles else []
