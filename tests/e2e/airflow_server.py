@@ -73,7 +73,8 @@ class AirflowServer:
 
 
 @contextlib.contextmanager
-def running_airflow(project: Path, home: Path) -> Iterator[AirflowServer]:
+def running_airflow(project: Path, home: Path, **settings: str) -> Iterator[AirflowServer]:
+    """`airflow standalone` over `project`, with `settings` added to its environment (e.g. DOCKER_HOST)."""
     username, password = "reviewer", secrets.token_urlsafe(16)
     (home / "passwords.json").write_text(json.dumps({username: password}))
     port = free_port()
@@ -81,7 +82,7 @@ def running_airflow(project: Path, home: Path) -> Iterator[AirflowServer]:
     env = airflow_env(home, project, AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(port),
                       AIRFLOW__API__BASE_URL=url, AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{url}/execution/",
                       AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{username}:admin",
-                      AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(home / "passwords.json"))
+                      AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(home / "passwords.json"), **settings)
     log = home / "standalone.log"
     with _server([str(BIN / "airflow"), "standalone"], f"{url}/api/v2/monitor/health", log, env, timeout_s=300):
         token = requests.post(f"{url}/auth/token", json={"username": username, "password": password},
