@@ -10,7 +10,6 @@ test` runs the same tasks in one process, without the scheduler this run goes th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
