@@ -1,4 +1,4 @@
-"""An Airflow 3 of its own for end-to-end tests: CLI calls in a temporary AIRFLOW_HOME, or a real server.
+"""An Airflow 3 of its own for end-to-end tests: a real server in a temporary AIRFLOW_HOME.
 
 `running_airflow` starts `airflow standalone` (API server and UI, scheduler, DAG processor, triggerer) on
 127.0.0.1 with a real user and password, waits until the DAG is parsed, and stops the whole process group after.
@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,13 +34,6 @@ def airflow_env(home: Path, project: Path, **settings: str) -> dict[str, str]:
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **settings}
     env.pop("EMBEDFORGE_PIPELINE_RUN", None)
     return env
-
-
-def airflow(env: dict[str, str], *args: str, timeout: int = 120) -> str:
-    """`airflow ARGS`; fails the test with the command's output when it fails."""
-    result = subprocess.run([str(BIN / "airflow"), *args], env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"airflow {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
 
 
 def wait_for(condition: Callable[[], T], what: str, timeout: float, log: Path) -> T:
