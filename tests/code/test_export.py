@@ -44,10 +44,24 @@ def test_the_onnx_runtime_model_encodes_like_the_torch_model(exported: Path, tin
     assert np.min((got * expected).sum(axis=1)) > floor
 
 
+def test_the_int8_export_runs_each_layer_as_fused_attention(exported: Path, tiny_model_dir: Path) -> None:
+    layers = load_model(str(tiny_model_dir))[0].auto_model.config.num_hidden_layers
+    assert onnx_record(exported)["fused_operators"]["Attention"] == layers
+    assert not (exported / "onnx" / "fused.onnx").exists()  # the intermediate is not published
+
+
+def test_a_text_encodes_the_same_alone_and_in_a_batch_run_side_by_side(exported: Path) -> None:
+    model = load_onnx(exported, load_model(str(exported), onnx=False), threads=2)
+    batch = [CHECK_TEXTS[0], "a longer passage " * 30, *CHECK_TEXTS[1:]]
+    together = model.encode(batch, batch_size=len(batch))
+    alone = np.stack([model.encode([text])[0] for text in batch])
+    assert np.array_equal(together, alone)
+
+
 def test_load_model_runs_an_export_with_onnx_runtime_and_int8_weights(exported: Path) -> None:
     model = load_model(str(exported))
     assert isinstance(model[0].model, OnnxTransformer)
-    assert model[0].model.session.get_modelmeta() is not None
+    assert model[0].model.single.get_modelmeta() is not None
     assert "qint8" in json.dumps(onnx_record(exported)["files"])
 
 
