@@ -168,17 +168,18 @@ def write_onnx(directory: Path) -> dict[str, Any]:
     expected = model.encode(CHECK_TEXTS, normalize_embeddings=True)
     (directory / "onnx").mkdir()
     _export_transformer(model, directory / ONNX_FILES["float32"])
-    fused = fuse_for_cpu(directory / ONNX_FILES["float32"], directory / "onnx" / "fused.onnx", model)
+    fused_file = directory / "onnx" / "fused.onnx"  # float32 with the fusions: quantized, then deleted
+    fused = fuse_for_cpu(directory / ONNX_FILES["float32"], fused_file, model)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.WARNING)  # ONNX Runtime's quantizer logs a line per tensor on the root logger
     try:
-        quantize_dynamic(str(directory / "onnx" / "fused.onnx"), str(directory / ONNX_FILES["qint8"]),
+        quantize_dynamic(str(fused_file), str(directory / ONNX_FILES["qint8"]),
                          weight_type=QuantType.QInt8, per_channel=True,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fused ops' outputs
     finally:
         root.setLevel(level)
-        (directory / "onnx" / "fused.onnx").unlink()
+        fused_file.unlink()
     cosines = {}
     for variant in ONNX_FILES:
         exported = load_onnx(directory, load_model(str(directory), device="cpu", onnx=False), variant)

@@ -63,7 +63,9 @@ class QuantizeConfig(StageConfig):
     calibration_texts: int = Field(
         1000, ge=100,
         description="Train passages whose per-dim min/max set the int8 ranges (never the test corpus).")
-    batch_size: int = Field(64, ge=1, description="Texts per encode batch.")
+    batch_size: int = Field(
+        16, ge=1, description="Passages per encode batch: on 2 CPU cores 16 encode long passages 1.2x as fast as 64 "
+                              "(less padding and attention memory per batch).")
     max_seq_length: int | None = Field(
         None, ge=8,
         description="Tokens per text every model encodes here and in evaluate and search; null = each model's "

@@ -22,10 +22,13 @@ from components.evaluate import (
     choose_operating_point,
     configuration_name,
     evaluate_grid,
+    Int8Rows,
     evaluate_models,
     exact_search,
+    for_query_sets,
     out_of_domain_sets,
     pareto_front,
+    rescore,
     retrieval_metrics,
 )
 from components.stages import STAGES
@@ -199,6 +202,26 @@ def test_truncated_embeddings_are_renormalised_prefixes() -> None:
     cut = truncate(vectors, 2)
     assert np.allclose(np.linalg.norm(cut, axis=1), 1.0)
     assert np.allclose(cut[0], [0.6, 0.8]) and np.allclose(cut[1], [0.0, 1.0])
+
+
+def test_a_query_set_rescores_against_rows_decoded_once_exactly_as_against_each_candidate_decoded() -> None:
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-128, 128, size=(50, 16), dtype=np.int8)
+    ranges = np.stack([np.full(16, -0.5, dtype=np.float32), np.full(16, 0.5, dtype=np.float32)])
+    rows, config = Int8Rows(codes, ranges), EvaluateConfig(top_k=10, rescore_multiplier=4)
+    queries = rng.standard_normal((8, 16)).astype(np.float32)
+    candidates = rng.integers(-1, 50, size=(8, 40))
+    decoded = for_query_sets(rows, config)
+    assert isinstance(decoded, np.ndarray)
+    for got, expected in zip(rescore(queries, candidates, decoded, 10), rescore(queries, candidates, rows, 10),
+                             strict=True):
+        assert np.array_equal(got, expected)
+
+
+def test_a_corpus_larger_than_one_chunk_of_candidates_stays_decoded_per_candidate() -> None:
+    config = EvaluateConfig(top_k=10, rescore_multiplier=1)  # a chunk of 256 queries gathers 2,560 candidates
+    rows = Int8Rows(np.zeros((2561, 8), dtype=np.int8), np.zeros((2, 8), dtype=np.float32))
+    assert for_query_sets(rows, config) is rows
 
 
 # --- CLI ---
