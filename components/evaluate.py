@@ -220,9 +220,9 @@ def ood_at_operating_point(chosen: GridRow, encoded: dict[str, EncodedSet], sets
                             hnsw_ef_construction=hnsw["ef_construction"])
         store = rescore_store(corpus, chosen.model, chosen.dim, config.rescore_with) if chosen.rescored else None
         floats = truncate(coded.queries, chosen.dim)
-        found_scores, positions = search_all(make_searcher(index, chosen.index, for_query_sets(store, config), config),
-                                             floats,
-                                             binary_codes(floats), min(config.top_k, len(coded.doc_ids)))
+        searcher = make_searcher(index, chosen.index, for_query_sets(store, config), config)
+        found_scores, positions = search_all(searcher, floats, binary_codes(floats),
+                                             min(config.top_k, len(coded.doc_ids)))
         run = to_run(found_scores, positions, coded.doc_ids, coded.query_ids)
         scores[set_name] = retrieval_metrics(sets[set_name].qrels, run)["ndcg@10"]
     return scores | {"mean": float(np.mean(list(scores.values())))}
@@ -283,6 +283,10 @@ class Int8Rows:
         flat = dequantize_int8(np.asarray(self.codes[positions.ravel()]), self.ranges)
         return flat.reshape(*positions.shape, flat.shape[-1])
 
+    def decoded(self) -> np.ndarray:
+        """Every row decoded at once (float32, the same values as decoding them one by one)."""
+        return dequantize_int8(np.asarray(self.codes), self.ranges)
+
 
 RescoreStore = np.ndarray | Int8Rows
 SEARCH_CHUNK = 256  # queries a batch search rescores at once (`search_all`)
@@ -300,7 +304,7 @@ def for_query_sets(store: RescoreStore | None, config: EvaluateConfig) -> Rescor
     rows than one chunk of queries gathers as candidates anyway (so no more memory), rather than once per
     candidate; the same values, as decoding is elementwise. Latency keeps `store`: a served query decodes its own."""
     if isinstance(store, Int8Rows) and len(store.codes) <= SEARCH_CHUNK * config.top_k * config.rescore_multiplier:
-        return dequantize_int8(np.asarray(store.codes), store.ranges)
+        return store.decoded()
     return store
 
 

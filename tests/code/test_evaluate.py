@@ -19,10 +19,10 @@ from components.embed import truncate
 from components.evaluate import (
     EvaluateConfig,
     GridRow,
+    Int8Rows,
     choose_operating_point,
     configuration_name,
     evaluate_grid,
-    Int8Rows,
     evaluate_models,
     exact_search,
     for_query_sets,
