@@ -89,6 +89,11 @@ class EvaluateConfig(StageConfig):
         description="Out-of-domain queries scored per set (the first ones; the corpus keeps their passages and "
                     "as many others); null = every query of the set.")
 
+    @property
+    def rescore_candidates(self) -> int:
+        """Candidates a binary search fetches by Hamming distance before rescoring them."""
+        return self.top_k * self.rescore_multiplier
+
 
 def configuration_name(index: str, rescored: bool) -> str:
     """An index as evaluate scored it: `binary_flat_rescore` is binary search re-ranked by float vectors."""
@@ -303,7 +308,7 @@ def for_query_sets(store: RescoreStore | None, config: EvaluateConfig) -> Rescor
     """The store a whole query set's search rescores against: int8 rows decoded once, when the corpus has no more
     rows than one chunk of queries gathers as candidates anyway (so no more memory), rather than once per
     candidate; the same values, as decoding is elementwise. Latency keeps `store`: a served query decodes its own."""
-    if isinstance(store, Int8Rows) and len(store.codes) <= SEARCH_CHUNK * config.top_k * config.rescore_multiplier:
+    if isinstance(store, Int8Rows) and len(store.codes) <= SEARCH_CHUNK * config.rescore_candidates:
         return store.decoded()
     return store
 
@@ -329,7 +334,7 @@ def make_searcher(index: Any, index_type: str, store: RescoreStore | None, confi
     service returns, the latency measured and the nDCG@10 scored all come from the same candidates.
     """
     if index_type.endswith("hnsw"):
-        index.hnsw.efSearch = max(config.hnsw_ef_search, config.top_k * config.rescore_multiplier)
+        index.hnsw.efSearch = max(config.hnsw_ef_search, config.rescore_candidates)
     if index_type.endswith("ivf"):
         index.nprobe = config.ivf_nprobe
     if not index_type.startswith("binary"):
@@ -339,10 +344,8 @@ def make_searcher(index: Any, index_type: str, store: RescoreStore | None, confi
             distances, positions = index.search(bits, k)
             return -distances.astype(np.float32), positions
         return hamming
-    candidates = config.top_k * config.rescore_multiplier
-
     def rescored(floats: np.ndarray, bits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        _, found = index.search(bits, max(candidates, k))
+        _, found = index.search(bits, max(config.rescore_candidates, k))
         return rescore(floats, found, store, k)
     return rescored
 
