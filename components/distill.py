@@ -180,12 +180,25 @@ def principal_axes(vectors: np.ndarray) -> np.ndarray:
     """Orthogonal (dim, dim) matrix whose columns are the principal axes of `vectors`, by falling variance.
 
     `vectors @ axes` keeps every cosine but moves the variance into the leading dimensions. Each axis is
-    signed so its largest component is positive, so the same vectors give the same matrix on any BLAS.
+    signed so its largest component is positive. Computed with torch's LAPACK, as the training that follows is:
+    numpy's OpenBLAS picks its kernels by `OPENBLAS_CORETYPE` or else the CPU, so a host that sets it and a
+    container that does not got rotations differing in the last bits, and students differing after training.
     """
-    variances, axes = np.linalg.eigh(np.cov(vectors.astype(np.float64), rowvar=False))
+    import torch
+
+    variances, axes = torch.linalg.eigh(torch.cov(torch.from_numpy(vectors).double().T))
+    variances, axes = variances.numpy(), axes.numpy()
     axes = axes[:, np.argsort(-variances, kind="stable")]
     largest = axes[np.argmax(np.abs(axes), axis=0), np.arange(axes.shape[1])]
     return (axes * np.sign(largest)).astype(np.float32)
+
+
+def rotate(vectors: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """`vectors @ rotation` by torch, as the student's rotation layer computes it (not numpy's OpenBLAS: see
+    `principal_axes`)."""
+    import torch
+
+    return (torch.from_numpy(vectors) @ torch.from_numpy(rotation)).numpy()
 
 
 def make_student(
@@ -248,7 +261,7 @@ def distill(config: DistillConfig, paths: DistillPaths) -> dict[str, float]:
     teacher_dev = evaluator(teacher)["dev_cosine_ndcg@10"]
 
     rotation = principal_axes(vectors) if config.pca_rotation else None
-    target_vectors = vectors if rotation is None else vectors @ rotation
+    target_vectors = vectors if rotation is None else rotate(vectors, rotation)
     student = make_student(teacher, config.layers, rotation)
     tables = {"distill": pd.DataFrame({"text": texts})}
     objectives = {"distill": losses.MatryoshkaLoss(

@@ -102,6 +102,25 @@ def test_the_principal_axes_do_not_depend_on_the_sign_the_eigen_solver_picks() -
     assert np.array_equal(principal_axes(vectors.copy()), axes)
 
 
+_AXES_IN_A_FRESH_PROCESS = """
+import hashlib, sys
+import numpy as np
+from components.distill import principal_axes
+rng = np.random.default_rng(3)
+vectors = (rng.normal(size=(2000, 384)) * np.linspace(3.0, 0.1, 384) + 0.5).astype(np.float32)
+print(hashlib.sha256(principal_axes(vectors).tobytes()).hexdigest())
+"""
+
+
+def test_the_principal_axes_are_the_same_whichever_kernels_numpys_openblas_picks() -> None:
+    """A container sees no OPENBLAS_CORETYPE where its host sets one; the student must not change with it."""
+    def axes_digest(core_type: str) -> str:
+        return subprocess.run([sys.executable, "-c", _AXES_IN_A_FRESH_PROCESS], check=True, capture_output=True,
+                              text=True, env={**os.environ, "OPENBLAS_CORETYPE": core_type}).stdout.strip()
+
+    assert axes_digest("Haswell") == axes_digest("Sandybridge")
+
+
 def test_a_rotated_student_embeds_as_the_plain_student_followed_by_the_rotation(tiny_teacher_dir: Path) -> None:
     teacher = load_model(str(tiny_teacher_dir))
     rotation = principal_axes(_anisotropic_unit_vectors(200, teacher.get_embedding_dimension()))
