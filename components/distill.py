@@ -77,9 +77,9 @@ class DistillConfig(StageConfig):
     contrastive_weight: float = Field(
         1.0, ge=0, description="Weight of the Matryoshka MNRL term on mined triplets; 0 = pure distillation.")
     contrastive_pairs: int | None = Field(
-        2500, ge=8, description="Mined triplets sampled for the contrastive term; null = all.")
+        1000, ge=8, description="Mined triplets sampled for the contrastive term; null = all.")
     distill_texts: int | None = Field(
-        14000, ge=8, description="Queries + passages whose teacher embeddings the student learns; null = all.")
+        9000, ge=8, description="Queries + passages whose teacher embeddings the student learns; null = all.")
     general_text_share: float = Field(
         0.7, ge=0, lt=1,
         description="Share of the distillation texts drawn from the general-text input (unlabelled general "

@@ -58,7 +58,7 @@ class TrainConfig(StageConfig):
     hard_negatives: int = Field(
         1, ge=0, description="Mined negatives used per query (0 = in-batch negatives only).")
     max_train_pairs: int | None = Field(
-        2000, ge=8,
+        1600, ge=8,
         description="Train on a seeded sample of this many mined pairs; null = all (CPU time budget).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training pairs.")
     batch_size: int = Field(
