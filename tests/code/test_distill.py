@@ -103,7 +103,7 @@ def test_the_principal_axes_do_not_depend_on_the_sign_the_eigen_solver_picks() -
 
 
 _AXES_IN_A_FRESH_PROCESS = """
-import hashlib, sys
+import hashlib
 import numpy as np
 from components.distill import principal_axes
 rng = np.random.default_rng(3)
