@@ -10,8 +10,11 @@ with ONNX Runtime's BERT fusions and int8 weights, per output channel, activatio
 ONNX Runtime's dynamic quantization, one text at a time so that no text's embedding depends on its batch,
 a batch's texts side by side on the cores), published as a model
 artifact whose manifest names the model it was exported from. The `onnx/` layout is sentence-transformers'
-ONNX backend's (`backend="onnx"`, which needs `optimum`; optimum's releases here require transformers < 5, so
-this project runs the file with its own loader): `load_onnx` keeps the
+ONNX backend's (`backend="onnx"`), and `modules.json` names the modules by the paths every sentence-transformers
+release reads (`portable_module_names`): that backend needs optimum-onnx, whose only release requires
+transformers < 4.58, which only sentence-transformers 5 runs on (release 6 needs transformers >= 5). The
+export loads there (tests/code/test_export.py, in the environment `requirements-onnx-backend.lock` pins).
+This project, on transformers 5, runs the file with its own loader: `load_onnx` keeps the
 sentence-transformers pipeline (tokenisation, truncation, pooling, Dense, Normalize) and swaps only the
 transformer's forward pass for an ONNX Runtime session. `embed.load_model` does that for any exported
 directory, so every stage, `embedforge evaluate --model`, search and serve take one.
@@ -32,6 +35,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -154,9 +158,31 @@ def fuse_for_cpu(source: Path, target: Path, model: SentenceTransformer) -> dict
     return {name: count for name, count in optimized.get_fused_operator_statistics().items() if count}
 
 
+def portable_module_names(directory: Path) -> None:
+    """Rewrite `directory`'s modules.json to name each built-in module by its `sentence_transformers.models.X`
+    path, which releases 2 to 5 import and release 6 maps to its own classes (release 6 saves
+    `sentence_transformers.base.modules.dense.Dense`, which release 5 cannot import). Other modules stay."""
+    from sentence_transformers.util import import_from_string
+
+    modules_file = directory / "modules.json"
+    modules = json.loads(modules_file.read_text())
+    for module in modules:
+        legacy = f"sentence_transformers.models.{module['type'].rsplit('.', 1)[-1]}"
+        with warnings.catch_warnings():  # release 6 warns that the old path is deprecated; it still loads it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                same = import_from_string(legacy) is import_from_string(module["type"])
+            except ImportError:
+                same = False
+        if same:
+            module["type"] = legacy
+    modules_file.write_text(json.dumps(modules, indent=2))
+
+
 def write_onnx(directory: Path) -> dict[str, Any]:
     """Add `onnx/` (float32 and int8 weights) to `directory`, a sentence-transformers model being published,
-    after checking that both encode like it; returns the record a manifest keeps under `extra["onnx"]`."""
+    with portable module names, after checking that both encode like it; returns the record a manifest keeps
+    under `extra["onnx"]`."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -164,6 +190,7 @@ def write_onnx(directory: Path) -> dict[str, Any]:
 
     # traced on the CPU, where ONNX Runtime will run it (on a GPU machine the model would load on CUDA and the
     # traced inputs would not)
+    portable_module_names(directory)
     model = load_model(str(directory), device="cpu", onnx=False)
     expected = model.encode(CHECK_TEXTS, normalize_embeddings=True)
     (directory / "onnx").mkdir()

@@ -28,6 +28,19 @@ if [[ "${1:-}" == "--tests" ]]; then
   fi
 fi
 
+# With --tests: a second venv, .venv-onnx-backend, in which sentence-transformers' ONNX backend installs
+# (requirements-onnx-backend.in says why); tests/code/test_export.py loads the pipeline's export there.
+if [[ "${1:-}" == "--tests" ]]; then
+  backend_stamp="$(sha256sum requirements-onnx-backend.lock | cut -c1-16)"
+  if [[ "$(cat .venv-onnx-backend/.embedforge-lock 2>/dev/null)" != "$backend_stamp" ]]; then
+    rm -rf .venv-onnx-backend && "$PYTHON" -m venv .venv-onnx-backend
+    .venv-onnx-backend/bin/python -m pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
+    .venv-onnx-backend/bin/python -m pip install --quiet -r requirements-onnx-backend.lock
+    echo "$backend_stamp" > .venv-onnx-backend/.embedforge-lock
+    echo "setup: .venv-onnx-backend ready"
+  fi
+fi
+
 stamp="$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 if [[ -x .venv/bin/python && "$(cat .venv/.embedforge-lock 2>/dev/null)" == "$stamp" ]]; then
   echo "setup: .venv is current"

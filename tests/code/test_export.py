@@ -4,6 +4,8 @@ served as the model it was exported from."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,22 @@ from components.artifact_types import MODEL, model_fingerprint
 from components.artifacts import ArtifactError
 from components.embed import load_model
 from components.export import CHECK_TEXTS, OnnxTransformer, export_onnx, load_onnx, onnx_record
+from tests.helpers import REPO_ROOT
+
+ONNX_BACKEND_PYTHON = REPO_ROOT / ".venv-onnx-backend" / "bin" / "python"
+# Run by sentence-transformers 5 with optimum-onnx: each file through `backend="onnx"`, one text a batch (as
+# served: int8 activations are quantized over the whole input, so padding beside a longer text would move it).
+_ENCODE_WITH_THE_ONNX_BACKEND = """
+import json, sys
+from sentence_transformers import SentenceTransformer
+directory, texts = sys.argv[1], json.loads(sys.argv[2])
+out = {}
+for file_name in ("onnx/model.onnx", "onnx/model_qint8.onnx"):
+    model = SentenceTransformer(directory, backend="onnx", model_kwargs={"file_name": file_name}, device="cpu")
+    out[file_name] = {"runner": type(model[0].auto_model).__name__,
+                      "embeddings": model.encode(texts, batch_size=1, normalize_embeddings=True).tolist()}
+print(json.dumps(out))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +108,19 @@ def test_a_model_published_with_its_export_is_not_exported_again(onnx_student_di
     with pytest.raises(ArtifactError, match="already carries its int8 ONNX export"):
         export_onnx(str(onnx_student_dir), tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_sentence_transformers_onnx_backend_loads_the_export_and_encodes_like_the_model(
+        exported: Path, tiny_model_dir: Path) -> None:
+    assert ONNX_BACKEND_PYTHON.is_file(), "no .venv-onnx-backend: run `bash scripts/setup.sh --tests`"
+    texts = [*CHECK_TEXTS, "a longer passage " * 30]
+    done = subprocess.run([str(ONNX_BACKEND_PYTHON), "-c", _ENCODE_WITH_THE_ONNX_BACKEND, str(exported),
+                           json.dumps(texts)], env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True,
+                          text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    expected = load_model(str(tiny_model_dir)).encode(texts, normalize_embeddings=True)
+    for file_name, floor in (("onnx/model.onnx", 0.9999), ("onnx/model_qint8.onnx", 0.98)):
+        assert loaded[file_name]["runner"].startswith("ORTModel")  # optimum's ONNX Runtime model, not torch
+        got = np.asarray(loaded[file_name]["embeddings"])
+        assert np.min((got * expected).sum(axis=1)) > floor, file_name
