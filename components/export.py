@@ -11,9 +11,10 @@ ONNX Runtime's dynamic quantization, one text at a time so that no text's embedd
 a batch's texts side by side on the cores), published as a model
 artifact whose manifest names the model it was exported from. The `onnx/` layout is sentence-transformers'
 ONNX backend's (`backend="onnx"`), and `modules.json` names the modules by the paths every
-sentence-transformers release reads (`portable_module_names`): that backend needs optimum-onnx, whose only release requires
-transformers < 4.58, which only sentence-transformers 5 runs on (release 6 needs transformers >= 5). The
-export loads there (tests/code/test_export.py, in the environment `requirements-onnx-backend.lock` pins).
+sentence-transformers release reads (`portable_module_names`): that backend needs optimum-onnx, whose only
+release requires transformers < 4.58, which only sentence-transformers 5 runs on (release 6 needs
+transformers >= 5). The export loads there (tests/code/test_export.py, in the environment
+`requirements-onnx-backend.lock` pins).
 This project, on transformers 5, runs the file with its own loader: `load_onnx` keeps the
 sentence-transformers pipeline (tokenisation, truncation, pooling, Dense, Normalize) and swaps only the
 transformer's forward pass for an ONNX Runtime session. `embed.load_model` does that for any exported
