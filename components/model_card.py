@@ -68,10 +68,9 @@ def training_card(facts: TrainingFacts) -> str:
         f"{'train' if facts.role == 'teacher' else 'distill'}` stage from `{facts.started_from}`."
         + (" It is served as its ONNX export with int8 weights (`onnx/model_qint8.onnx`, ONNX Runtime on the "
            "CPU): the pipeline's evaluation, search and serve all encode with it; the torch weights beside it "
-           "are the float model it was exported from. sentence-transformers' ONNX backend loads it too: "
-           "`SentenceTransformer(path, backend=\"onnx\", "
-           "model_kwargs={\"file_name\": \"onnx/model_qint8.onnx\"})` (it needs optimum-onnx, which installs "
-           "beside sentence-transformers 5)."
+           "are the float model it was exported from. sentence-transformers' ONNX backend loads it too "
+           "(`backend=\"onnx\"`, `model_kwargs={\"file_name\": \"onnx/model_qint8.onnx\"}`; it needs "
+           "optimum-onnx, which installs beside sentence-transformers 5)."
            if facts.settings.get("onnx_int8") else ""),
         "## Made from",
         _table(["what", "fingerprint"], [[name, f"`{value}`"] for name, value in facts.data.items()]
