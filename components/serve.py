@@ -15,7 +15,9 @@ Limits: bodies over MAX_BODY_BYTES get 413, and a query list that is empty, too 
 over-long text gets 422, each with a JSON body saying what to change.
 
 Concurrent requests are batched (`Batcher`): one worker thread encodes every text waiting, up to MAX_BATCH, in
-one forward pass, and searches them together, faiss on one thread. A lone request is answered at once; under
+one forward pass, and searches them together, faiss on one thread. Requests wait on the event loop (async
+endpoints), so a result goes from the worker to the response with no request thread in between. A lone
+request is answered at once; under
 load, many queries share one encoder call instead of queueing for it one by one (bench/serve.py measures
 both). A query's vector can differ in the 7th digit with the batch it shares (padding changes the float sums),
 as in evaluate, which encodes in batches too.
@@ -24,6 +26,7 @@ as in evaluate, which encodes in batches too.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import queue
@@ -67,18 +70,20 @@ class Batcher:
         self.jobs: queue.Queue[Job] = queue.Queue()
         threading.Thread(target=self._work, name="embedforge-batcher", daemon=True).start()
 
-    def search(self, queries: list[str], k: int) -> list[list[Hit]]:
+    async def search(self, queries: list[str], k: int) -> list[list[Hit]]:
         check_texts(queries)
         self.retriever.check_k(k)
-        return self._submit(Job(queries, k))
+        return await self._submit(Job(queries, k))
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    async def embed(self, texts: list[str]) -> np.ndarray:
         check_texts(texts)
-        return self._submit(Job(texts, None))
+        return await self._submit(Job(texts, None))
 
-    def _submit(self, job: Job) -> Any:
+    async def _submit(self, job: Job) -> Any:
+        """Queue `job` and wait for it on the event loop: the worker's result wakes the loop directly, with no
+        request thread in between."""
         self.jobs.put(job)
-        return job.done.result()
+        return await asyncio.wrap_future(job.done)
 
     def _next_batch(self, first: Job) -> tuple[list[Job], Job | None]:
         """`first` and every job waiting behind it that fits in MAX_BATCH texts; the job that did not fit
@@ -203,21 +208,21 @@ def create_app(retriever: Retriever) -> Any:
         return JSONResponse({"error": f"malformed request ({problems}); see /docs for the request schema",
                              **retriever.version}, status_code=422)
 
-    def searched(queries: list[str], k: int) -> dict[str, Any]:
-        results = batcher.search(queries, k)
+    async def searched(queries: list[str], k: int) -> dict[str, Any]:
+        results = await batcher.search(queries, k)
         return {"results": [[asdict(hit) for hit in hits] for hits in results], **retriever.version}
 
     @app.post("/search")
-    def search(request: SearchRequest) -> dict[str, Any]:
-        return searched(request.queries, request.k)
+    async def search(request: SearchRequest) -> dict[str, Any]:
+        return await searched(request.queries, request.k)
 
     @app.get("/search")
-    def search_one(q: str, k: int = 10) -> dict[str, Any]:
-        return searched([q], k)
+    async def search_one(q: str, k: int = 10) -> dict[str, Any]:
+        return await searched([q], k)
 
     @app.post("/embed")
-    def embed(request: EmbedRequest) -> dict[str, Any]:
-        vectors = batcher.embed(request.texts)
+    async def embed(request: EmbedRequest) -> dict[str, Any]:
+        vectors = await batcher.embed(request.texts)
         return {"embeddings": vectors.tolist(), "dim": retriever.point.dim, **retriever.version}
 
     @app.get("/healthz")

@@ -3,6 +3,7 @@ does not belong together or is not a query."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import urllib.request
@@ -225,9 +226,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served: di
     queries = list(read_beir(served["beir"]).queries.values())[:24]
     batcher = Batcher(retriever)
     jobs = [(queries[i:i + 1 + i % 3], 1 + i % 10) for i in range(0, 24, 2)]
-    with ThreadPoolExecutor(max_workers=12) as pool:
-        answers = list(pool.map(lambda job: batcher.search(*job), jobs))
-        vectors = list(pool.map(batcher.embed, [[query] for query in queries[:6]]))
+    with ThreadPoolExecutor(max_workers=12) as pool:  # each request on its own event loop, as 12 clients
+        answers = list(pool.map(lambda job: asyncio.run(batcher.search(*job)), jobs))
+        vectors = list(pool.map(lambda query: asyncio.run(batcher.embed([query])), queries[:6]))
     for (texts, k), answer in zip(jobs, answers, strict=True):  # scores, not ids: a 1e-7 tie may swap two ids
         alone = retriever.search(texts, k)
         assert [[hit.score for hit in hits] for hits in answer] == [
@@ -235,7 +236,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served: di
     assert all(len(hits) == k for (_, k), answer in zip(jobs, answers, strict=True) for hits in answer)
     assert np.allclose(np.vstack(vectors), retriever.embed(queries[:6]), atol=1e-5)
     with pytest.raises(QueryError, match="k=0"):
-        batcher.search(["fine"], 0)
+        asyncio.run(batcher.search(["fine"], 0))
 
 
 @pytest.mark.slow
