@@ -16,11 +16,10 @@ over-long text gets 422, each with a JSON body saying what to change.
 
 Concurrent requests are batched (`Batcher`): one worker thread encodes every text waiting, up to MAX_BATCH, in
 one forward pass, and searches them together, faiss on one thread. Requests wait on the event loop (async
-endpoints), so a result goes from the worker to the response with no request thread in between. A lone
-request is answered at once; under
-load, many queries share one encoder call instead of queueing for it one by one (bench/serve.py measures
-both). A query's vector can differ in the 7th digit with the batch it shares (padding changes the float sums),
-as in evaluate, which encodes in batches too.
+endpoints), so a result goes from the worker to the response with no request thread in between. A lone request
+is answered at once; under load, many queries share one encoder call instead of queueing for it one by one
+(bench/serve.py measures both). A query's vector can differ in the 7th digit with the batch it shares (padding
+changes the float sums), as in evaluate, which encodes in batches too.
 """
 
 from __future__ import annotations
